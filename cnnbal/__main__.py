@@ -1,0 +1,3 @@
+from cnnbal.cli import main
+
+main()
