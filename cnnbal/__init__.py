@@ -8,7 +8,7 @@ sections cited in each module.
 
 __version__ = "0.1.0"
 
-from cnnbal.core import (  # noqa: E402
+from cnnbal.core import (
     DEFAULT_PARAMS,
     FitParams,
     FitResult,
@@ -18,7 +18,7 @@ from cnnbal.core import (  # noqa: E402
     fit_elaborated,
     fit_naive,
 )
-from cnnbal.errors import CnnbalError  # noqa: E402
+from cnnbal.errors import CnnbalError
 
 __all__ = [
     "DEFAULT_PARAMS",

@@ -1,0 +1,478 @@
+"""The numeric core: fit and apply the output correction H of Choi (2017).
+
+Pure functions on validated arrays (see :mod:`cnnbal.io`): no I/O, no printing.
+Every equation cites ``METHOD.md`` (the paper's method restated).
+
+Notation (METHOD.md, "Notation"): ``probs`` is (n_samples, n_classes) softmax
+output, ``labels`` the integer true classes, ``pbar_n = [p_n, 1]`` and the
+corrected output ``phat_n = H @ pbar_n = W p_n + b`` with ``H = [W b]`` of
+shape (n_classes, n_classes + 1).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_PARAMS",
+    "METHODS",
+    "FitParams",
+    "FitResult",
+    "apply_correction",
+    "class_accuracy",
+    "competitive_mask",
+    "fit",
+    "fit_elaborated",
+    "fit_naive",
+    "identity_h",
+    "solve_normal_equations",
+]
+
+METHODS = ("elaborated", "naive")
+
+
+@dataclass(frozen=True)
+class FitParams:
+    """The four hyper-parameters of the elaborated fit (METHOD.md 2).
+
+    Attributes
+    ----------
+    r_low : float
+        A validation sample is competitive only if its true-class probability
+        exceeds ``r_low``.
+    r_high : float
+        ... and its largest probability is below ``r_high``. Also the apply gate:
+        only outputs whose maximum is below ``r_high`` are corrected.
+    beta : float
+        Sample weight exponent: ``s_n = acc_{c_n} ** -beta``.
+    alpha : float
+        Strength of the identity padding rows.
+    """
+
+    r_low: float = 0.1
+    r_high: float = 0.8
+    beta: float = 1.5
+    alpha: float = 3.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+DEFAULT_PARAMS = FitParams()
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted correction and what a report needs to know about the fit.
+
+    Attributes
+    ----------
+    H : ndarray of shape (n_classes, n_classes + 1), float64
+        The correction ``[W b]``.
+    method : {"elaborated", "naive"}
+    params : FitParams or None
+        The hyper-parameters (None for the naive fit, which has none).
+    apply_gate : float
+        Apply H only to outputs whose maximum probability is below this value
+        (``r_high`` for the elaborated fit, ``inf`` for the naive fit).
+    class_accuracy : ndarray of shape (n_classes,)
+        Raw per-class validation accuracy (NaN for a class with no samples).
+    class_counts : ndarray of shape (n_classes,), int64
+        Validation samples per class.
+    n_samples : int
+        Validation samples used.
+    n_competitive : int
+        Samples in the competitive set (all samples for the naive fit).
+    floored_classes : tuple of int
+        Classes whose accuracy was floored at ``0.5 / n_k`` (METHOD.md 2, edge cases).
+    empty_classes : tuple of int
+        Classes with no validation samples.
+    warnings : tuple of str
+        Human-readable notes about edge cases met during the fit.
+    """
+
+    H: np.ndarray
+    method: str
+    params: FitParams | None
+    apply_gate: float
+    class_accuracy: np.ndarray
+    class_counts: np.ndarray
+    n_samples: int
+    n_competitive: int
+    floored_classes: tuple[int, ...] = ()
+    empty_classes: tuple[int, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.H.shape[0])
+
+
+def identity_h(n_classes: int) -> np.ndarray:
+    """The correction that changes nothing, ``[I 0]`` of shape (n_classes, n_classes + 1)."""
+    return np.hstack([np.eye(n_classes), np.zeros((n_classes, 1))])
+
+
+def class_accuracy(
+    probs: np.ndarray, labels: np.ndarray, n_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class accuracy of the argmax prediction (METHOD.md 2, step 1).
+
+    Parameters
+    ----------
+    probs : ndarray of shape (n_samples, n_classes)
+    labels : ndarray of shape (n_samples,), int
+    n_classes : int, optional
+        Defaults to ``probs.shape[1]``.
+
+    Returns
+    -------
+    accuracy : ndarray of shape (n_classes,), float64
+        Fraction of the samples of class k predicted as k; NaN where a class
+        has no samples.
+    counts : ndarray of shape (n_classes,), int64
+    """
+    n_classes = probs.shape[1] if n_classes is None else n_classes
+    pred = np.argmax(probs, axis=1)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.int64)
+    correct = np.bincount(labels[pred == labels], minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.where(counts > 0, correct / np.maximum(counts, 1), np.nan)
+    return accuracy, counts
+
+
+def competitive_mask(
+    probs: np.ndarray, labels: np.ndarray, r_low: float, r_high: float
+) -> np.ndarray:
+    """The competitive set R of METHOD.md 2, step 2, as a boolean mask.
+
+    ``R = {n : p_n[c_n] > r_low and max_j p_n[j] < r_high}``: the true class
+    has a real chance and no class is confident.
+    """
+    true_prob = probs[np.arange(len(labels)), labels]
+    return (true_prob > r_low) & (probs.max(axis=1) < r_high)
+
+
+def _floored_accuracy(
+    accuracy: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """Accuracy floored at half a correct sample, ``max(acc_k, 0.5 / n_k)``.
+
+    A zero accuracy would make the weight ``acc ** -beta`` infinite (the
+    reference code crashes); METHOD.md 2, edge cases. Classes without samples
+    get weight 1 (it is never used: they have no sample rows).
+    """
+    present = counts > 0
+    floor = np.where(present, 0.5 / np.maximum(counts, 1), 1.0)
+    floored = present & (accuracy < floor)
+    safe = np.where(present, np.maximum(np.nan_to_num(accuracy, nan=1.0), floor), 1.0)
+    return (
+        safe,
+        tuple(int(k) for k in np.flatnonzero(floored)),
+        tuple(int(k) for k in np.flatnonzero(~present)),
+    )
+
+
+def _as_float64_rows(probs: np.ndarray) -> np.ndarray:
+    """Probabilities in float64 with each row renormalised to sum to 1.
+
+    Saved float32 rows sum to 1 only within ~1e-7; renormalising in float64
+    makes the appended 1 exactly the row sum, which keeps the naive fit's
+    minimum-norm solution away from fitting rounding noise (METHOD.md 6).
+    """
+    p = np.array(probs, dtype=np.float64, copy=True)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+def solve_normal_equations(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve ``H @ gram = rhs`` for H with gram symmetric positive semi-definite.
+
+    Cholesky when ``gram`` is positive definite (the elaborated system
+    normally is: METHOD.md 6); otherwise the minimum-norm least-squares
+    solution of the normal equations, which is the minimum-norm solution of
+    the stacked rows because both share the same null space.
+
+    Parameters
+    ----------
+    gram : ndarray of shape (n_classes + 1, n_classes + 1)
+        ``X^T X`` of the stacked rows.
+    rhs : ndarray of shape (n_classes, n_classes + 1)
+        ``T^T X`` of the stacked rows.
+
+    Returns
+    -------
+    H : ndarray of shape (n_classes, n_classes + 1)
+    """
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+    try:
+        factor = cho_factor(gram, lower=True, check_finite=False)
+        # A near-singular gram factorises but amplifies rounding: check the
+        # diagonal of the factor against the scale of the problem.
+        diag = np.abs(np.diag(factor[0]))
+        if diag.min() > np.sqrt(np.finfo(np.float64).eps) * diag.max():
+            return cho_solve(factor, rhs.T, check_finite=False).T
+    except LinAlgError:
+        pass
+    solution, *_ = np.linalg.lstsq(gram, rhs.T, rcond=None)
+    return solution.T
+
+
+def fit_elaborated(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    params: FitParams = DEFAULT_PARAMS,
+    *,
+    n_classes: int | None = None,
+) -> FitResult:
+    """The elaborated fit of Choi (2017), METHOD.md 2 (the default method).
+
+    Weighted least squares over the competitive validation samples, with
+    sample weight ``s_n = acc_{c_n} ** -beta`` applied to the rows (so the
+    squared loss is weighted by ``s_n ** 2``, as in the reference code), plus
+    one identity padding row per class, ``x = [alpha e_k, 1]``,
+    ``t = alpha e_k``. Solved through the (K+1) x (K+1) normal equations.
+
+    Parameters
+    ----------
+    probs : ndarray of shape (n_samples, n_classes)
+        Validation softmax outputs (validated: finite, non-negative, rows sum to 1).
+    labels : ndarray of shape (n_samples,), int
+        True classes in ``[0, n_classes)``.
+    params : FitParams
+        ``r_low, r_high, beta, alpha``; the paper's values by default.
+    n_classes : int, optional
+        Defaults to ``probs.shape[1]``.
+
+    Returns
+    -------
+    FitResult
+        With ``apply_gate = params.r_high``. An empty competitive set gives the
+        identity ``[I 0]`` and a warning.
+    """
+    n_classes = probs.shape[1] if n_classes is None else n_classes
+    labels = np.asarray(labels, dtype=np.int64)
+    p = _as_float64_rows(probs)
+    accuracy, counts = class_accuracy(p, labels, n_classes)
+    safe_accuracy, floored, empty = _floored_accuracy(accuracy, counts)
+    notes = _class_notes(floored, empty, counts)
+
+    mask = competitive_mask(p, labels, params.r_low, params.r_high)
+    n_competitive = int(mask.sum())
+    if n_competitive == 0:
+        notes.append("the competitive set is empty: H is the identity [I 0]")
+        H = identity_h(n_classes)
+    else:
+        class_weight_sq = safe_accuracy ** (-2.0 * params.beta)
+        gram, rhs = _elaborated_system(
+            p[mask], labels[mask], class_weight_sq, params.alpha, n_classes
+        )
+        H = solve_normal_equations(gram, rhs)
+    _emit(notes)
+    return FitResult(
+        H=H,
+        method="elaborated",
+        params=params,
+        apply_gate=float(params.r_high),
+        class_accuracy=accuracy,
+        class_counts=counts,
+        n_samples=len(labels),
+        n_competitive=n_competitive,
+        floored_classes=floored,
+        empty_classes=empty,
+        warnings=tuple(notes),
+    )
+
+
+def _elaborated_system(
+    p: np.ndarray,
+    labels: np.ndarray,
+    class_weight_sq: np.ndarray,
+    alpha: float,
+    n_classes: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations ``gram = X^T X`` and ``rhs = T^T X`` of METHOD.md 2, step 4.
+
+    Built without materialising the stacked rows: the sample rows contribute
+    ``sum s_n^2 pbar_n pbar_n^T`` and ``sum s_n^2 e_{c_n} pbar_n^T``, the
+    padding rows ``[[alpha^2 I, alpha 1], [alpha 1^T, K]]`` and
+    ``[alpha^2 I, alpha 1]``.
+    """
+    w_sq = class_weight_sq[labels]  # s_n^2, one per competitive sample
+    scaled = p * np.sqrt(w_sq)[:, None]  # rows s_n p_n
+    gram = np.empty((n_classes + 1, n_classes + 1))
+    gram[:n_classes, :n_classes] = scaled.T @ scaled
+    col = p.T @ w_sq  # sum s_n^2 p_n
+    gram[:n_classes, n_classes] = col
+    gram[n_classes, :n_classes] = col
+    gram[n_classes, n_classes] = w_sq.sum()
+
+    # rhs[c] = s_c^2 * sum over competitive samples of class c of pbar_n
+    class_sums = _sum_by_class(p, labels, n_classes)
+    class_n = np.bincount(labels, minlength=n_classes)
+    rhs = np.empty((n_classes, n_classes + 1))
+    rhs[:, :n_classes] = class_sums * class_weight_sq[:, None]
+    rhs[:, n_classes] = class_n * class_weight_sq
+
+    # identity padding rows
+    diag = np.arange(n_classes)
+    gram[diag, diag] += alpha * alpha
+    gram[:n_classes, n_classes] += alpha
+    gram[n_classes, :n_classes] += alpha
+    gram[n_classes, n_classes] += n_classes
+    rhs[diag, diag] += alpha * alpha
+    rhs[:, n_classes] += alpha
+    return gram, rhs
+
+
+def _sum_by_class(rows: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Sum of ``rows`` per label, shape (n_classes, rows.shape[1]); O(n) via a sort."""
+    out = np.zeros((n_classes, rows.shape[1]))
+    if len(labels) == 0:
+        return out
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    out[sorted_labels[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    return out
+
+
+def fit_naive(probs: np.ndarray, labels: np.ndarray, *, n_classes: int | None = None) -> FitResult:
+    """The naive fit, METHOD.md 1: plain least squares over all samples.
+
+    ``min_H sum_n ||H pbar_n - e_{c_n}||^2`` with the minimum-norm solution
+    (the system is singular: the appended 1 equals the row sum). Computed
+    exactly as METHOD.md 6 describes: the minimum-norm fit ``W0`` without the
+    constant column, then ``b = W0 1 / (K + 1)`` and ``W = W0 - b 1^T``.
+
+    Parameters
+    ----------
+    probs : ndarray of shape (n_samples, n_classes)
+    labels : ndarray of shape (n_samples,), int
+
+    Returns
+    -------
+    FitResult
+        With ``apply_gate = inf`` (every sample is corrected) and ``params=None``.
+    """
+    n_classes = probs.shape[1] if n_classes is None else n_classes
+    labels = np.asarray(labels, dtype=np.int64)
+    p = _as_float64_rows(probs)
+    accuracy, counts = class_accuracy(p, labels, n_classes)
+    empty = _floored_accuracy(accuracy, counts)[2]
+    notes = _class_notes((), empty, counts)
+    targets = np.zeros((len(labels), n_classes))
+    targets[np.arange(len(labels)), labels] = 1.0
+    w0_t, *_ = np.linalg.lstsq(p, targets, rcond=None)
+    w0 = w0_t.T
+    b = w0.sum(axis=1) / (n_classes + 1)
+    H = np.hstack([w0 - b[:, None], b[:, None]])
+    _emit(notes)
+    return FitResult(
+        H=H,
+        method="naive",
+        params=None,
+        apply_gate=float("inf"),
+        class_accuracy=accuracy,
+        class_counts=counts,
+        n_samples=len(labels),
+        n_competitive=len(labels),
+        floored_classes=(),
+        empty_classes=empty,
+        warnings=tuple(notes),
+    )
+
+
+def fit(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    method: str = "elaborated",
+    params: FitParams = DEFAULT_PARAMS,
+    *,
+    n_classes: int | None = None,
+) -> FitResult:
+    """Fit H by ``method`` ("elaborated", the default, or "naive")."""
+    if method == "elaborated":
+        return fit_elaborated(probs, labels, params, n_classes=n_classes)
+    if method == "naive":
+        return fit_naive(probs, labels, n_classes=n_classes)
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def apply_correction(
+    H: np.ndarray,
+    probs: np.ndarray,
+    gate: float = float("inf"),
+    *,
+    clip: bool = True,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Correct outputs with H, METHOD.md 3.
+
+    Rows whose maximum is below ``gate`` become ``W p + b``; the others are
+    left unchanged. One matrix product with the bias added in place (no
+    ``hstack``); computed in the dtype of ``probs`` when it is float32 (fast,
+    and the precision of the input) else float64.
+
+    Parameters
+    ----------
+    H : ndarray of shape (n_classes, n_classes + 1)
+    probs : ndarray of shape (n_samples, n_classes)
+    gate : float
+        ``r_high`` for an elaborated H, ``inf`` for a naive one.
+    clip : bool
+        Clip negative scores to 0 and renormalise each row to sum to 1; the
+        argmax never changes. ``False`` returns the raw affine scores (they
+        still sum to 1 when the input rows do, but may be negative).
+    out : ndarray of shape (n_samples, n_classes), optional
+        Preallocated output (dtype as described above).
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_classes)
+    """
+    dtype = np.float32 if probs.dtype == np.float32 else np.float64
+    probs = np.asarray(probs, dtype=dtype)
+    W = H[:, :-1].T.astype(dtype)
+    b = H[:, -1].astype(dtype)
+    result = np.matmul(probs, W, out=out)
+    result += b
+    if np.isfinite(gate):
+        keep = probs.max(axis=1) >= gate
+        if keep.any():
+            result[keep] = probs[keep]
+    if clip:
+        np.maximum(result, 0, out=result)
+        sums = result.sum(axis=1, keepdims=True)
+        # A row of all non-positive scores cannot happen for rows summing to 1,
+        # but guard the division anyway.
+        np.divide(result, sums, out=result, where=sums > 0)
+    return result
+
+
+def _class_notes(floored: tuple[int, ...], empty: tuple[int, ...], counts: np.ndarray) -> list[str]:
+    notes = []
+    if floored:
+        notes.append(
+            f"{len(floored)} class(es) with zero validation accuracy; accuracy floored at "
+            f"0.5/n_k for the weights: {_class_list(floored)}"
+        )
+    if empty:
+        notes.append(f"{len(empty)} class(es) with no validation samples: {_class_list(empty)}")
+    return notes
+
+
+def _class_list(classes: tuple[int, ...], limit: int = 10) -> str:
+    shown = ", ".join(str(k) for k in classes[:limit])
+    return shown + (f" ... (+{len(classes) - limit})" if len(classes) > limit else "")
+
+
+def _emit(notes: list[str]) -> None:
+    # Python-level warnings let API users filter them; the CLI shows them from
+    # FitResult.warnings instead, so it silences these.
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)

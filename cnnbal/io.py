@@ -1,0 +1,612 @@
+"""Reading, validating and writing model-output files: the only module that touches them.
+
+Formats (README "File formats"):
+
+- ``.npz``: probabilities under ``probs`` or ``predictions``, or logits under
+  ``logits``; labels under ``labels``, ``ground_truth`` or ``targets``; optional
+  ``class_names``.
+- ``.npy``: a 2-D array of probabilities (or logits with ``logits=True``);
+  labels from a separate ``.npy`` file.
+- ``.parquet`` / ``.csv``: a ``label`` column (integers, or class names mapped
+  through the class list) and either a list column ``probs`` / ``logits`` or
+  K numeric columns sharing a prefix (``p_0 .. p_{K-1}`` by default). Other
+  columns pass through :func:`apply_file` untouched. Class names come from the
+  parquet schema metadata key ``cnnbal.class_names`` (a JSON list) or a text
+  file with one name per line.
+
+Every problem is a :class:`~cnnbal.errors.CnnbalError` whose message starts
+with the file name. Arrays leaving this module are validated: finite,
+non-negative, rows summing to 1 within :data:`ROW_SUM_TOLERANCE`, labels
+integer and in range; subnormal values are flushed to zero (they slow BLAS by
+2-4x, METHOD.md 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cnnbal.errors import CnnbalError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+
+__all__ = [
+    "CLASS_NAMES_KEY",
+    "ROW_SUM_TOLERANCE",
+    "Outputs",
+    "ReadOptions",
+    "atomic_output",
+    "file_sha256",
+    "read_class_names",
+    "read_outputs",
+    "softmax",
+    "validate_labels",
+    "validate_probs",
+]
+
+#: Rows must sum to 1 within this (float32 softmax outputs, even through fp16/bf16
+#: casts, stay well inside; logits or unnormalised scores are far outside).
+ROW_SUM_TOLERANCE = 1e-3
+#: Parquet schema metadata key holding the class names as a JSON list.
+CLASS_NAMES_KEY = b"cnnbal.class_names"
+
+PROB_KEYS = ("probs", "predictions")
+LOGIT_KEYS = ("logits",)
+LABEL_KEYS = ("labels", "ground_truth", "targets")
+LABEL_COLUMNS = ("label", "labels")
+DEFAULT_PREFIXES = (("p_", False), ("logit_", True))
+SUFFIXES = (".npz", ".npy", ".parquet", ".pq", ".csv")
+#: Rows per chunk when streaming (apply) or validating large arrays.
+CHUNK_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to interpret an outputs file (the CLI's reading flags).
+
+    Attributes
+    ----------
+    logits : bool
+        The scores are logits: apply a numerically stable softmax.
+    labels_path : Path or None
+        Labels for a ``.npy`` input (a 1-D integer ``.npy``).
+    prob_prefix : str or None
+        Table inputs: read K columns ``{prefix}0 .. {prefix}{K-1}``.
+    classes_path : Path or None
+        A text file with one class name per line (overrides stored names).
+    """
+
+    logits: bool = False
+    labels_path: Path | None = None
+    prob_prefix: str | None = None
+    classes_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Validated model outputs.
+
+    Attributes
+    ----------
+    probs : ndarray of shape (n_samples, n_classes), float32 or float64
+        Rows are probabilities (softmax already applied to logits).
+    labels : ndarray of shape (n_samples,), int64, or None
+    class_names : list of str or None
+    path : Path
+        Where they came from (for messages).
+    """
+
+    probs: np.ndarray
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    path: Path
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.probs.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probs.shape[1])
+
+
+# ---------------------------------------------------------------- validation
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for any finite logits (the row max is subtracted)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def validate_probs(
+    values: np.ndarray, source: str | os.PathLike, *, logits: bool = False, row_offset: int = 0
+) -> np.ndarray:
+    """Check a score array and return probabilities (a new array or ``values`` itself).
+
+    Parameters
+    ----------
+    values : array-like of shape (n_samples, n_classes)
+    source : str or PathLike
+        Named in error messages.
+    logits : bool
+        ``values`` are logits: softmax them after the checks.
+    row_offset : int
+        Added to row numbers in messages (for chunks of a larger file).
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_classes), float32 (float32 input) or float64.
+
+    Raises
+    ------
+    CnnbalError
+        Wrong dimensions, empty, NaN/inf, negative values, rows not summing to 1.
+    """
+    name = Path(source).name
+    arr = np.asarray(values)
+    if arr.ndim != 2:
+        raise CnnbalError(
+            f"{name}: expected a 2-D array (n_samples, n_classes), got shape {arr.shape}"
+        )
+    if arr.shape[0] == 0:
+        raise CnnbalError(f"{name}: no samples (0 rows)")
+    if arr.shape[1] < 2:
+        raise CnnbalError(f"{name}: need at least 2 classes, got {arr.shape[1]} column(s)")
+    if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
+        raise CnnbalError(f"{name}: scores must be numbers, got dtype {arr.dtype}")
+    dtype = np.float32 if arr.dtype == np.float32 else np.float64
+    arr = np.asarray(arr, dtype=dtype)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        row, col = np.argwhere(~finite)[0]
+        raise CnnbalError(
+            f"{name}: non-finite value {arr[row, col]} at row {row + row_offset}, column {col}"
+        )
+    if logits:
+        arr = softmax(np.array(arr, dtype=dtype, copy=True))
+    else:
+        if arr.min() < 0:
+            row, col = np.argwhere(arr < 0)[0]
+            raise CnnbalError(
+                f"{name}: negative probability {arr[row, col]:.6g} at row {row + row_offset}, "
+                f"column {col} (if these are logits, pass --logits)"
+            )
+        sums = arr.sum(axis=1, dtype=np.float64)
+        bad = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise CnnbalError(
+                f"{name}: row {row + row_offset} sums to {sums[row]:.6g}, not 1 "
+                f"(tolerance {ROW_SUM_TOLERANCE:g}); {int(bad.sum())} such row(s) in this "
+                "block (if these are logits, pass --logits)"
+            )
+    tiny = np.finfo(dtype).tiny
+    subnormal = (arr != 0) & (np.abs(arr) < tiny)
+    if subnormal.any():
+        if not arr.flags.writeable or arr is values:
+            arr = np.array(arr, copy=True)
+        arr[subnormal] = 0
+    return arr
+
+
+def validate_labels(
+    labels: np.ndarray,
+    n_samples: int,
+    n_classes: int,
+    source: str | os.PathLike,
+) -> np.ndarray:
+    """Check labels and return them as int64.
+
+    Raises
+    ------
+    CnnbalError
+        Not 1-D, wrong length, not integers, or out of ``[0, n_classes)``.
+    """
+    name = Path(source).name
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise CnnbalError(f"{name}: labels must be 1-D, got shape {arr.shape}")
+    if len(arr) != n_samples:
+        raise CnnbalError(f"{name}: {len(arr)} labels for {n_samples} rows of scores")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise CnnbalError(f"{name}: labels must be integers, found non-integer values")
+    elif arr.dtype.kind not in "iu":
+        raise CnnbalError(f"{name}: labels must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if len(arr) and (arr.min() < 0 or arr.max() >= n_classes):
+        bad = int(arr[(arr < 0) | (arr >= n_classes)][0])
+        raise CnnbalError(
+            f"{name}: label {bad} out of range for {n_classes} classes [0, {n_classes})"
+        )
+    return arr
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """One class name per line (blank lines at the end ignored)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise CnnbalError(f"{path.name}: cannot read class list: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CnnbalError(f"{path.name}: class list is not UTF-8 text") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = [line.strip() for line in lines]
+    if not names:
+        raise CnnbalError(f"{path.name}: class list is empty")
+    if len(set(names)) != len(names):
+        raise CnnbalError(f"{path.name}: class list has duplicate names")
+    return names
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_outputs(
+    path: str | os.PathLike,
+    options: ReadOptions | None = None,
+    *,
+    require_labels: bool = True,
+) -> Outputs:
+    """Read and validate a whole outputs file.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        ``.npz``, ``.npy``, ``.parquet`` or ``.csv``.
+    options : ReadOptions, optional
+    require_labels : bool
+        Raise if the file carries no labels (``fit`` and ``evaluate`` need them).
+
+    Returns
+    -------
+    Outputs
+    """
+    options = options or ReadOptions()
+    path = Path(path)
+    _check_readable(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        scores, is_logits, labels, names = _read_npz(path)
+    elif suffix == ".npy":
+        scores, is_logits, labels, names = _read_npy(path, options)
+    else:
+        table = _read_table(path)
+        layout = _TableLayout.detect(table.schema, path, options)
+        scores = layout.scores(table)
+        is_logits = layout.logits
+        labels = layout.raw_labels(table)
+        names = _schema_class_names(table.schema, path)
+    is_logits = is_logits or options.logits
+    probs = validate_probs(scores, path, logits=is_logits)
+    if options.classes_path is not None:
+        names = read_class_names(options.classes_path)
+    if names is not None and len(names) != probs.shape[1]:
+        raise CnnbalError(
+            f"{path.name}: {len(names)} class names for {probs.shape[1]} score columns"
+        )
+    if labels is not None:
+        labels = _labels_to_int(labels, names, path)
+        labels = validate_labels(labels, probs.shape[0], probs.shape[1], path)
+    elif require_labels:
+        raise CnnbalError(f"{path.name}: no labels found ({_label_hint(suffix)})")
+    return Outputs(probs=probs, labels=labels, class_names=names, path=path)
+
+
+def _label_hint(suffix: str) -> str:
+    if suffix == ".npz":
+        return "expected an array named " + " or ".join(LABEL_KEYS)
+    if suffix == ".npy":
+        return "pass --labels FILE.npy"
+    return "expected a column named 'label'"
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise CnnbalError(f"{path}: no such file")
+    if path.is_dir():
+        raise CnnbalError(f"{path}: is a directory, expected a file")
+    if path.suffix.lower() not in SUFFIXES:
+        raise CnnbalError(
+            f"{path.name}: unsupported file type {path.suffix!r} (expected .npz, .npy, "
+            ".parquet or .csv)"
+        )
+
+
+def _load_npz(path: Path):
+    import zipfile
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CnnbalError(f"{path.name}: not a readable .npz file ({exc})") from None
+
+
+def _npz_array(archive, key: str, path: Path) -> np.ndarray:
+    try:
+        return archive[key]
+    except ValueError:
+        raise CnnbalError(
+            f"{path.name}: array {key!r} holds Python objects; refusing to unpickle"
+        ) from None
+    except Exception as exc:  # zip/CRC errors surface here
+        raise CnnbalError(f"{path.name}: array {key!r} is unreadable ({exc})") from None
+
+
+def _read_npz(path: Path):
+    with _load_npz(path) as archive:
+        keys = set(archive.files)
+        is_logits = False
+        score_key = next((k for k in PROB_KEYS if k in keys), None)
+        if score_key is None:
+            score_key = next((k for k in LOGIT_KEYS if k in keys), None)
+            is_logits = score_key is not None
+        if score_key is None:
+            raise CnnbalError(
+                f"{path.name}: no scores found; expected an array named 'probs', "
+                f"'predictions' or 'logits' (found: {', '.join(sorted(keys)) or 'none'})"
+            )
+        scores = _npz_array(archive, score_key, path)
+        label_key = next((k for k in LABEL_KEYS if k in keys), None)
+        labels = _npz_array(archive, label_key, path) if label_key else None
+        names = None
+        if "class_names" in keys:
+            names = [str(n) for n in _npz_array(archive, "class_names", path).tolist()]
+    return scores, is_logits, labels, names
+
+
+def _load_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as exc:
+        msg = "holds Python objects; refusing to unpickle" if "pickle" in str(exc) else str(exc)
+        raise CnnbalError(f"{path.name}: {msg}") from None
+    except (OSError, EOFError) as exc:
+        raise CnnbalError(f"{path.name}: not a readable .npy file ({exc})") from None
+
+
+def _read_npy(path: Path, options: ReadOptions):
+    scores = _load_npy(path)
+    labels = None
+    if options.labels_path is not None:
+        labels_path = Path(options.labels_path)
+        _check_readable(labels_path)
+        if labels_path.suffix.lower() != ".npy":
+            raise CnnbalError(f"{labels_path.name}: --labels must be a .npy file")
+        labels = _load_npy(labels_path)
+    return scores, options.logits, labels, None
+
+
+def _read_table(path: Path) -> pa.Table:
+    if path.suffix.lower() == ".csv":
+        import pyarrow.csv as pacsv
+
+        try:
+            return pacsv.read_csv(path)
+        except Exception as exc:  # pyarrow raises ArrowInvalid and friends
+            raise CnnbalError(
+                f"{path.name}: not a readable CSV file ({_first_line(exc)})"
+            ) from None
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except Exception as exc:
+        raise CnnbalError(
+            f"{path.name}: not a readable parquet file ({_first_line(exc)})"
+        ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _schema_class_names(schema: pa.Schema, path: Path) -> list[str] | None:
+    meta = schema.metadata or {}
+    raw = meta.get(CLASS_NAMES_KEY)
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        raise CnnbalError(
+            f"{path.name}: schema metadata 'cnnbal.class_names' is not JSON"
+        ) from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CnnbalError(
+            f"{path.name}: schema metadata 'cnnbal.class_names' is not a list of strings"
+        )
+    return names
+
+
+def _labels_to_int(labels, names: list[str] | None, path: Path) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.dtype.kind not in "USO":
+        return arr
+    if names is None:
+        raise CnnbalError(
+            f"{path.name}: labels are class names but no class list is known "
+            "(pass --classes FILE, one name per line)"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    out = np.empty(len(arr), dtype=np.int64)
+    for i, name in enumerate(arr.tolist()):
+        if name not in index:
+            raise CnnbalError(f"{path.name}: unknown class name {name!r} at row {i}")
+        out[i] = index[name]
+    return out
+
+
+@dataclass(frozen=True)
+class _TableLayout:
+    """Where the scores and labels live in a parquet/CSV table."""
+
+    score_columns: tuple[str, ...]  # one list column, or K numeric columns in class order
+    is_list: bool
+    logits: bool
+    label_column: str | None
+    source: str = ""  # the file name, for messages
+
+    @classmethod
+    def detect(cls, schema: pa.Schema, path: Path, options: ReadOptions) -> _TableLayout:
+        import pyarrow as pa
+
+        names = list(schema.names)
+        label_column = next((c for c in LABEL_COLUMNS if c in names), None)
+
+        def list_column(name: str) -> bool:
+            t = schema.field(name).type
+            return (
+                pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)
+            )
+
+        if options.prob_prefix is not None:
+            cols = _prefix_columns(names, options.prob_prefix)
+            if not cols:
+                raise CnnbalError(
+                    f"{path.name}: no columns '{options.prob_prefix}0', "
+                    f"'{options.prob_prefix}1', ... (from --prob-prefix)"
+                )
+            return cls(cols, False, options.logits, label_column, path.name)
+        for name, is_logits in (("probs", False), ("logits", True)):
+            if name in names:
+                if not list_column(name):
+                    raise CnnbalError(
+                        f"{path.name}: column {name!r} must be a list of numbers per row, "
+                        f"got {schema.field(name).type}"
+                    )
+                return cls((name,), True, is_logits or options.logits, label_column, path.name)
+        for prefix, is_logits in DEFAULT_PREFIXES:
+            cols = _prefix_columns(names, prefix)
+            if cols:
+                return cls(cols, False, is_logits or options.logits, label_column, path.name)
+        raise CnnbalError(
+            f"{path.name}: no scores found; expected a list column 'probs' or 'logits', "
+            "or columns p_0 .. p_{K-1} (another prefix: --prob-prefix)"
+        )
+
+    @property
+    def passthrough_exclude(self) -> set[str]:
+        return set(self.score_columns)
+
+    def scores(self, table) -> np.ndarray:
+        """The score matrix of a table or record batch, shape (rows, K)."""
+        import pyarrow as pa
+
+        if self.is_list:
+            column = table.column(self.score_columns[0])
+            if isinstance(column, pa.ChunkedArray):
+                column = column.combine_chunks()
+            return _list_to_matrix(column, self.score_columns[0], self.source)
+        columns = []
+        for name in self.score_columns:
+            col = table.column(name)
+            if col.null_count:
+                raise CnnbalError(f"{self.source}: column {name!r} has missing values")
+            if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+                raise CnnbalError(f"{self.source}: column {name!r} must be numeric, got {col.type}")
+            columns.append(col.to_numpy())
+        dtype = np.result_type(*[c.dtype for c in columns])
+        out = np.empty((len(columns[0]), len(columns)), dtype=dtype)
+        for j, col in enumerate(columns):
+            out[:, j] = col
+        return out
+
+    def raw_labels(self, table) -> np.ndarray | None:
+        if self.label_column is None:
+            return None
+        col = table.column(self.label_column)
+        if col.null_count:
+            raise CnnbalError(f"{self.source}: column {self.label_column!r} has missing labels")
+        return col.to_numpy(zero_copy_only=False)
+
+
+def _prefix_columns(names: list[str], prefix: str) -> tuple[str, ...]:
+    cols = []
+    while f"{prefix}{len(cols)}" in names:
+        cols.append(f"{prefix}{len(cols)}")
+    return tuple(cols)
+
+
+def _list_to_matrix(array, name: str, source: str) -> np.ndarray:
+    import pyarrow as pa
+
+    if array.null_count:
+        raise CnnbalError(f"{source}: column {name!r} has missing rows")
+    n = len(array)
+    if pa.types.is_fixed_size_list(array.type):
+        width = array.type.list_size
+        values = array.flatten()
+    else:
+        offsets = array.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        if n and not np.all(lengths == lengths[0]):
+            row = int(np.flatnonzero(lengths != lengths[0])[0])
+            raise CnnbalError(
+                f"{source}: column {name!r}: rows have different lengths ({lengths[0]} then "
+                f"{lengths[row]} at row {row})"
+            )
+        width = int(lengths[0]) if n else 0
+        values = array.flatten()
+    if values.null_count:
+        raise CnnbalError(f"{source}: column {name!r} has missing values")
+    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        raise CnnbalError(f"{source}: column {name!r} must hold numbers, got {values.type}")
+    return values.to_numpy(zero_copy_only=False).reshape(n, width)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, streamed (recorded in the H artifact)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | os.PathLike, *inputs: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+
+    On any failure (including Ctrl-C) the temporary file is removed and
+    ``target`` is left as it was. Refuses a ``target`` that is one of ``inputs``.
+    """
+    target = Path(target)
+    for src in inputs:
+        src = Path(src)
+        if target.resolve() == src.resolve() or (
+            target.exists() and src.exists() and os.path.samefile(target, src)
+        ):
+            raise CnnbalError(f"{target.name}: refusing to overwrite the input file")
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise CnnbalError(f"{target}: directory {directory} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
