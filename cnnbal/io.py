@@ -46,6 +46,7 @@ __all__ = [
     "Outputs",
     "ReadOptions",
     "atomic_output",
+    "check_not_input",
     "file_sha256",
     "read_class_names",
     "read_outputs",
@@ -583,6 +584,17 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def check_not_input(target: str | os.PathLike, *inputs: str | os.PathLike) -> None:
+    """Raise if ``target`` is (or links to) one of ``inputs``: outputs never replace inputs."""
+    target = Path(target)
+    for src in inputs:
+        src = Path(src)
+        if target.resolve() == src.resolve() or (
+            target.exists() and src.exists() and os.path.samefile(target, src)
+        ):
+            raise CnnbalError(f"{target.name}: refusing to overwrite the input file {src.name}")
+
+
 @contextlib.contextmanager
 def atomic_output(target: str | os.PathLike, *inputs: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
@@ -591,12 +603,7 @@ def atomic_output(target: str | os.PathLike, *inputs: str | os.PathLike) -> Iter
     ``target`` is left as it was. Refuses a ``target`` that is one of ``inputs``.
     """
     target = Path(target)
-    for src in inputs:
-        src = Path(src)
-        if target.resolve() == src.resolve() or (
-            target.exists() and src.exists() and os.path.samefile(target, src)
-        ):
-            raise CnnbalError(f"{target.name}: refusing to overwrite the input file")
+    check_not_input(target, *inputs)
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise CnnbalError(f"{target}: directory {directory} does not exist")
@@ -610,3 +617,208 @@ def atomic_output(target: str | os.PathLike, *inputs: str | os.PathLike) -> Iter
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+# ---------------------------------------------------------------- streaming
+
+
+@dataclass
+class Chunk:
+    """A block of rows from :func:`iter_chunks`.
+
+    Attributes
+    ----------
+    probs : ndarray of shape (rows, n_classes)
+        Validated probabilities.
+    passthrough : pyarrow.RecordBatch or None
+        Table inputs: every column but the scores (ids, paths, labels).
+    labels : ndarray of shape (rows,) or None
+        Array inputs: the labels, when the file has them.
+    row_offset : int
+        Index of the first row in the file.
+    """
+
+    probs: np.ndarray
+    passthrough: object | None
+    labels: np.ndarray | None
+    row_offset: int
+
+
+@dataclass
+class ChunkSource:
+    """An input opened for streaming: what it holds and an iterator over its rows."""
+
+    path: Path
+    kind: str  # "table" or "array"
+    n_rows: int | None
+    n_classes: int | None
+    class_names: list[str] | None
+    layout: _TableLayout | None
+    chunks: Iterator[Chunk]
+
+
+def iter_chunks(
+    path: str | os.PathLike, options: ReadOptions | None = None, chunk_rows: int = CHUNK_ROWS
+) -> ChunkSource:
+    """Open an outputs file for streaming in blocks of ``chunk_rows`` rows.
+
+    Parquet is read record batch by record batch without pre-buffering, CSV
+    through pyarrow's streaming reader, ``.npy`` through a memory map, so
+    memory does not grow with the file (``.npz`` is read whole: it cannot be
+    memory-mapped).
+    """
+    options = options or ReadOptions()
+    path = Path(path)
+    _check_readable(path)
+    suffix = path.suffix.lower()
+    if suffix in (".npz", ".npy"):
+        if suffix == ".npz":
+            scores, is_logits, labels, names = _read_npz(path)
+        else:
+            scores = _load_npy(path, mmap=True)
+            is_logits, labels, names = options.logits, None, None
+            if options.labels_path is not None:
+                labels_path = Path(options.labels_path)
+                _check_readable(labels_path)
+                labels = _load_npy(labels_path)
+        if options.classes_path is not None:
+            names = read_class_names(options.classes_path)
+        if scores.ndim != 2:
+            raise CnnbalError(
+                f"{path.name}: expected a 2-D array (n_samples, n_classes), "
+                f"got shape {scores.shape}"
+            )
+        if labels is not None:
+            labels = validate_labels(labels, scores.shape[0], scores.shape[1], path)
+        logits = is_logits or options.logits
+
+        def array_chunks() -> Iterator[Chunk]:
+            if scores.shape[0] == 0:
+                raise CnnbalError(f"{path.name}: no samples (0 rows)")
+            for start in range(0, scores.shape[0], chunk_rows):
+                block = np.asarray(scores[start : start + chunk_rows])
+                probs = validate_probs(block, path, logits=logits, row_offset=start)
+                yield Chunk(
+                    probs,
+                    None,
+                    None if labels is None else labels[start : start + chunk_rows],
+                    start,
+                )
+
+        return ChunkSource(
+            path, "array", scores.shape[0], scores.shape[1], names, None, array_chunks()
+        )
+
+    schema, n_rows, batches = _open_table_stream(path, chunk_rows)
+    layout = _TableLayout.detect(schema, path, options)
+    names = _schema_class_names(schema, path)
+    if options.classes_path is not None:
+        names = read_class_names(options.classes_path)
+    keep = [c for c in schema.names if c not in layout.passthrough_exclude]
+
+    def table_chunks() -> Iterator[Chunk]:
+        offset = 0
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            scores = layout.scores(batch)
+            probs = validate_probs(scores, path, logits=layout.logits, row_offset=offset)
+            yield Chunk(probs, batch.select(keep), None, offset)
+            offset += batch.num_rows
+        if offset == 0:
+            raise CnnbalError(f"{path.name}: no samples (0 rows)")
+
+    n_classes = None if layout.is_list else len(layout.score_columns)
+    return ChunkSource(path, "table", n_rows, n_classes, names, layout, table_chunks())
+
+
+def _open_table_stream(path: Path, chunk_rows: int):
+    if path.suffix.lower() == ".csv":
+        import pyarrow.csv as pacsv
+
+        try:
+            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=16 << 20))
+        except Exception as exc:
+            raise CnnbalError(
+                f"{path.name}: not a readable CSV file ({_first_line(exc)})"
+            ) from None
+
+        def batches():
+            try:
+                yield from reader
+            except Exception as exc:
+                raise CnnbalError(f"{path.name}: unreadable CSV ({_first_line(exc)})") from None
+
+        return reader.schema, None, batches()
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    except Exception as exc:
+        raise CnnbalError(
+            f"{path.name}: not a readable parquet file ({_first_line(exc)})"
+        ) from None
+
+    def batches():
+        try:
+            yield from pf.iter_batches(batch_size=chunk_rows)
+        except Exception as exc:
+            raise CnnbalError(f"{path.name}: unreadable parquet ({_first_line(exc)})") from None
+
+    return pf.schema_arrow, pf.metadata.num_rows, batches()
+
+
+class TableWriter:
+    """Streams record batches to parquet or CSV (chosen by the target's suffix).
+
+    Parquet is written without dictionary encoding (it only makes float columns
+    bigger and slower, METHOD.md 6) in row groups of at most :data:`CHUNK_ROWS`.
+    """
+
+    def __init__(self, tmp_path: Path, suffix: str, class_names: list[str] | None):
+        self.tmp_path = tmp_path
+        self.csv = suffix == ".csv"
+        self.class_names = class_names
+        self._writer = None
+
+    def write(self, batch) -> None:
+        if self._writer is None:
+            schema = batch.schema
+            if self.class_names is not None and not self.csv:
+                meta = dict(schema.metadata or {})
+                meta[CLASS_NAMES_KEY] = json.dumps(self.class_names).encode()
+                schema = schema.with_metadata(meta)
+            self._schema = schema
+            if self.csv:
+                import pyarrow.csv as pacsv
+
+                self._writer = pacsv.CSVWriter(str(self.tmp_path), schema)
+            else:
+                import pyarrow.parquet as pq
+
+                self._writer = pq.ParquetWriter(
+                    str(self.tmp_path), schema, use_dictionary=False, compression="snappy"
+                )
+        if not self.csv:
+            batch = batch.replace_schema_metadata(self._schema.metadata)
+        self._writer.write_batch(batch, **({} if self.csv else {"row_group_size": CHUNK_ROWS}))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def probs_columns(probs: np.ndarray, layout: _TableLayout | None) -> dict:
+    """Arrow columns holding ``probs`` in the layout of the input table.
+
+    A list-column input gets a fixed-size list column ``probs``; a prefix-column
+    input gets the same column names (``p_`` when the input held logits).
+    """
+    import pyarrow as pa
+
+    k = probs.shape[1]
+    if layout is None or layout.is_list:
+        values = pa.array(np.ascontiguousarray(probs).reshape(-1))
+        return {"probs": pa.FixedSizeListArray.from_arrays(values, k)}
+    names = layout.score_columns if not layout.logits else tuple(f"p_{j}" for j in range(k))
+    return {name: pa.array(probs[:, j]) for j, name in enumerate(names)}

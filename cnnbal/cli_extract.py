@@ -1,0 +1,207 @@
+"""``cnnbal extract``: run an image classifier over images and write the probability file.
+
+A thin command over :mod:`cnnbal.extract`; torch is imported only when the
+command runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnbal._cli_common import parse_floats, show_progress
+from cnnbal.errors import CnnbalError
+
+
+class Amp(str, Enum):
+    """Mixed precision for the forward pass."""
+
+    none = "none"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def extract_command(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A TorchScript archive (torch.jit.save), or 'package.module:factory' "
+            "(called with no arguments) together with --weights.",
+            show_default=False,
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="An image folder with one subfolder per class (labels = sorted folder "
+            "names), a flat image folder (no labels), or an .npy/.npz image array "
+            "(N,H,W,C uint8 or N,C,H,W float in [0,1]; npz keys 'images', 'labels').",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="The parquet file to write.", show_default=False),
+    ],
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--weights",
+            help="State dict for a factory model, read with torch.load(weights_only=True).",
+        ),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help="Labels for .npy images: a 1-D integer .npy file."),
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option("--size", help="Resize so the shorter side is SIZE pixels (default: keep)."),
+    ] = None,
+    crop: Annotated[
+        int | None,
+        typer.Option("--crop", help="Center-crop to CROP x CROP pixels (default: no crop)."),
+    ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option(
+            "--mean",
+            help="Per-channel mean, comma-separated, on the [0,1] scale "
+            "(default: ImageNet 0.485,0.456,0.406; their average for --channels 1).",
+        ),
+    ] = None,
+    std: Annotated[
+        str | None,
+        typer.Option(
+            "--std",
+            help="Per-channel std, comma-separated (default: ImageNet 0.229,0.224,0.225; "
+            "their average for --channels 1).",
+        ),
+    ] = None,
+    channels: Annotated[
+        int, typer.Option("--channels", help="3: convert images to RGB; 1: to grayscale.")
+    ] = 3,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."
+        ),
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    workers: Annotated[
+        int,
+        typer.Option("--workers", help="Data loader processes decoding images (0: in-process)."),
+    ] = 2,
+    amp: Annotated[
+        Amp, typer.Option("--amp", help="Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA).")
+    ] = Amp.none,
+    save_logits: Annotated[
+        bool, typer.Option("--save-logits", help="Also write a 'logits' column.")
+    ] = False,
+    skip_bad: Annotated[
+        bool,
+        typer.Option("--skip-bad", help="Skip and count unreadable images instead of failing."),
+    ] = False,
+) -> None:
+    """Run an image classifier over images and write its softmax outputs to parquet.
+
+    Each image is decoded with Pillow, converted to RGB (or grayscale), resized
+    so the shorter side is --size, center-cropped to --crop, scaled to [0, 1]
+    and normalised with --mean/--std. The output has columns label (when
+    known), probs, logits (with --save-logits) and path, with the class names
+    in the file's metadata: the input of `cnnbal fit`, `apply` and `evaluate`.
+    """
+    try:
+        report = _run(
+            model=model,
+            data=data,
+            out=out,
+            weights=weights,
+            labels=labels,
+            size=size,
+            crop=crop,
+            mean=mean,
+            std=std,
+            channels=channels,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            amp=None if amp is Amp.none else amp.value,
+            save_logits=save_logits,
+            skip_bad=skip_bad,
+        )
+    except CnnbalError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    skipped = f", skipped {report.n_skipped} unreadable" if report.n_skipped else ""
+    typer.echo(
+        f"extracted {report.n_images} images{skipped} on {report.device} in "
+        f"{report.seconds:.1f} s ({report.images_per_second:.0f} images/s) -> {out}",
+        err=True,
+    )
+    for path in report.skipped[:5]:
+        typer.echo(f"skipped: {path}", err=True)
+    if report.n_skipped > 5:
+        typer.echo(f"skipped: ... and {report.n_skipped - 5} more", err=True)
+
+
+def _run(*, model, data, out, weights, labels, mean, std, size, crop, channels, **options):
+    from cnnbal import extract as api
+
+    api.require_torch()
+    preprocessing = api.Preprocessing(
+        size=size,
+        crop=crop,
+        mean=None if mean is None else tuple(parse_floats(mean, "--mean")),
+        std=None if std is None else tuple(parse_floats(std, "--std")),
+        channels=channels,
+    )
+    out_resolved = out.resolve()
+    for input_path in (Path(model), weights):
+        if input_path is not None and input_path.exists() and input_path.resolve() == out_resolved:
+            raise CnnbalError(f"{out}: is an input file; choose another output path")
+    source = api.discover(data, labels_path=labels)
+    loaded = api.load_model(model, weights)
+    if not show_progress():
+        return api.extract(loaded, source, out, preprocessing=preprocessing, **options)
+    with _progress_bar(len(source)) as update:
+        return api.extract(
+            loaded, source, out, preprocessing=preprocessing, progress=update, **options
+        )
+
+
+@contextmanager
+def _progress_bar(total: int):
+    """A rich progress bar with images per second on stderr; yields the update callback."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.0f} img/s")
+
+    with Progress(
+        TextColumn("extract"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("extract", total=total)
+        yield lambda done, total: progress.update(task, completed=done)

@@ -1,0 +1,301 @@
+"""File-level API: what each command does, without the command line.
+
+These functions join the rooms (io -> core -> metrics) for one file; the CLI
+adds only flags and presentation::
+
+    from cnnbal.pipeline import fit_file, apply_file, evaluate_file
+    artifact = fit_file("val.parquet", "H.npz")
+    apply_file("H.npz", "test.parquet", "test.corrected.parquet")
+    comparison = evaluate_file("test.parquet", "H.npz")
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnbal.artifact import Artifact, load_artifact, save_artifact
+from cnnbal.core import DEFAULT_PARAMS, FitParams, apply_correction, fit
+from cnnbal.errors import CnnbalError
+from cnnbal.io import (
+    Outputs,
+    ReadOptions,
+    TableWriter,
+    atomic_output,
+    check_not_input,
+    file_sha256,
+    iter_chunks,
+    probs_columns,
+    read_outputs,
+)
+from cnnbal.metrics import Comparison, compare
+
+__all__ = [
+    "ApplyReport",
+    "apply_file",
+    "check_compatible",
+    "correct",
+    "evaluate_file",
+    "fit_file",
+    "fit_outputs",
+]
+
+
+def check_params(params: FitParams) -> None:
+    """Reject parameters that make no sense (a CnnbalError naming the flag)."""
+    if not 0 <= params.r_low < 1:
+        raise CnnbalError(f"--r-low must be in [0, 1), got {params.r_low}")
+    if not 0 < params.r_high <= 1:
+        raise CnnbalError(f"--r-high must be in (0, 1], got {params.r_high}")
+    if params.r_low >= params.r_high:
+        raise CnnbalError(f"--r-low ({params.r_low}) must be below --r-high ({params.r_high})")
+    if not np.isfinite(params.beta) or params.beta < 0:
+        raise CnnbalError(f"--beta must be a finite number >= 0, got {params.beta}")
+    if not np.isfinite(params.alpha) or params.alpha <= 0:
+        raise CnnbalError(f"--alpha must be a finite number > 0, got {params.alpha}")
+
+
+def fit_outputs(
+    outputs: Outputs,
+    method: str = "elaborated",
+    params: FitParams = DEFAULT_PARAMS,
+    *,
+    provenance: dict | None = None,
+) -> tuple[Artifact, tuple[str, ...]]:
+    """Fit H on validated outputs; returns the artifact and the fit's warnings."""
+    check_params(params)
+    if outputs.labels is None:
+        raise CnnbalError(f"{outputs.path.name}: fitting needs labels")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reported through result.warnings
+        result = fit(outputs.probs, outputs.labels, method, params)
+    artifact = Artifact.from_fit(
+        result,
+        class_names=outputs.class_names,
+        input_sha256=file_sha256(outputs.path),
+        input_name=outputs.path.name,
+        provenance=provenance,
+    )
+    return artifact, result.warnings
+
+
+def fit_file(
+    val_path: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    *,
+    method: str = "elaborated",
+    params: FitParams = DEFAULT_PARAMS,
+    options: ReadOptions | None = None,
+) -> Artifact:
+    """Read validation outputs, fit H, and (with ``out_path``) save the artifact."""
+    outputs = read_outputs(val_path, options)
+    artifact, _ = fit_outputs(outputs, method, params)
+    if out_path is not None:
+        check_not_input(out_path, val_path)
+        save_artifact(out_path, artifact)
+    return artifact
+
+
+def check_compatible(artifact: Artifact, n_classes: int, class_names, source: Path, h_name: str):
+    """The input's class count (and names, when both are known) must match H."""
+    if n_classes != artifact.n_classes:
+        raise CnnbalError(
+            f"{source.name}: {n_classes} classes, but {h_name} was fitted for {artifact.n_classes}"
+        )
+    if class_names is not None and artifact.class_names is not None:
+        if list(class_names) != list(artifact.class_names):
+            diff = next(
+                i
+                for i, (a, b) in enumerate(zip(class_names, artifact.class_names, strict=True))
+                if a != b
+            )
+            raise CnnbalError(
+                f"{source.name}: class names differ from {h_name} at class {diff} "
+                f"({class_names[diff]!r} vs {artifact.class_names[diff]!r})"
+            )
+
+
+def correct(artifact: Artifact, probs: np.ndarray, *, clip: bool = True) -> np.ndarray:
+    """Apply an artifact's H with its gate (METHOD.md 3)."""
+    return apply_correction(artifact.H, probs, artifact.apply_gate, clip=clip)
+
+
+def evaluate_file(
+    test_path: str | os.PathLike,
+    h_path: str | os.PathLike | None = None,
+    *,
+    options: ReadOptions | None = None,
+) -> tuple[Outputs, Artifact | None, Comparison]:
+    """Raw vs corrected metrics on a labelled file (raw vs raw without H)."""
+    outputs = read_outputs(test_path, options)
+    artifact = None
+    corrected = outputs.probs
+    val_accuracy = None
+    if h_path is not None:
+        artifact = load_artifact(h_path)
+        check_compatible(
+            artifact, outputs.n_classes, outputs.class_names, outputs.path, Path(h_path).name
+        )
+        corrected = correct(artifact, outputs.probs)
+        val_accuracy = artifact.val_class_accuracy
+    comparison = compare(outputs.probs, corrected, outputs.labels, val_class_accuracy=val_accuracy)
+    return outputs, artifact, comparison
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """What :func:`apply_file` did."""
+
+    n_rows: int
+    n_corrected: int
+    n_changed: int
+    output: Path
+
+
+_TABLE = (".parquet", ".pq", ".csv")
+_ARRAY = (".npz", ".npy")
+
+
+def apply_file(
+    h_path: str | os.PathLike,
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    options: ReadOptions | None = None,
+    raw_scores: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ApplyReport:
+    """Correct every row of ``in_path`` and write ``out_path``, streaming.
+
+    Tables (parquet/CSV) get the passthrough columns, a ``pred`` column and
+    the corrected scores in the input's layout; ``.npz`` gets ``probs``,
+    ``pred`` (and ``labels``/``class_names`` when the input has them);
+    ``.npy`` gets the corrected matrix. The output is written atomically and
+    never over the input.
+
+    Parameters
+    ----------
+    raw_scores : bool
+        Keep the affine scores as they are (may be negative) instead of
+        clipping at 0 and renormalising.
+    progress : callable, optional
+        Called with the number of rows done after each block.
+    """
+    h_path, in_path, out_path = Path(h_path), Path(in_path), Path(out_path)
+    artifact = load_artifact(h_path)
+    out_suffix = out_path.suffix.lower()
+    in_suffix = in_path.suffix.lower()
+    if out_suffix not in _TABLE + _ARRAY:
+        raise CnnbalError(
+            f"{out_path.name}: unsupported output type (use .parquet, .csv, .npz or .npy)"
+        )
+    family_in = "table" if in_suffix in _TABLE else "array"
+    family_out = "table" if out_suffix in _TABLE else "array"
+    if in_suffix in _TABLE + _ARRAY and family_in != family_out:
+        raise CnnbalError(
+            f"{out_path.name}: write a {family_in} input to "
+            f"{'.parquet or .csv' if family_in == 'table' else '.npz or .npy'}"
+        )
+    source = iter_chunks(in_path, options)
+    if source.n_classes is not None:
+        check_compatible(artifact, source.n_classes, source.class_names, in_path, h_path.name)
+    class_names = source.class_names or artifact.class_names
+    n_rows = n_corrected = n_changed = 0
+    with atomic_output(out_path, in_path, h_path) as tmp:
+        writer = _make_writer(tmp, out_suffix, source, class_names)
+        try:
+            for chunk in source.chunks:
+                check_compatible(
+                    artifact, chunk.probs.shape[1], source.class_names, in_path, h_path.name
+                )
+                fixed = correct(artifact, chunk.probs, clip=not raw_scores)
+                pred = fixed.argmax(axis=1)
+                raw_pred = chunk.probs.argmax(axis=1)
+                n_rows += len(pred)
+                n_corrected += int(np.sum(chunk.probs.max(axis=1) < artifact.apply_gate))
+                n_changed += int(np.sum(pred != raw_pred))
+                writer.write(chunk, fixed, pred)
+                if progress is not None:
+                    progress(n_rows)
+        finally:
+            writer.close()
+    return ApplyReport(n_rows, n_corrected, n_changed, out_path)
+
+
+def _make_writer(tmp: Path, suffix: str, source, class_names):
+    if suffix in _TABLE:
+        return _TableSink(tmp, suffix, source, class_names)
+    if suffix == ".npy":
+        return _NpySink(tmp, source)
+    return _NpzSink(tmp, class_names)
+
+
+class _TableSink:
+    def __init__(self, tmp, suffix, source, class_names):
+        self.layout = source.layout
+        self.writer = TableWriter(tmp, ".csv" if suffix == ".csv" else ".parquet", class_names)
+
+    def write(self, chunk, fixed, pred):
+        import pyarrow as pa
+
+        columns = {}
+        if chunk.passthrough is not None:
+            for name in chunk.passthrough.schema.names:
+                columns[name] = chunk.passthrough.column(name)
+        else:  # an array input written as a table: keep its labels
+            if chunk.labels is not None:
+                columns["label"] = pa.array(chunk.labels)
+        columns["pred"] = pa.array(pred.astype(np.int64))
+        columns.update(probs_columns(fixed, self.layout))
+        self.writer.write(pa.RecordBatch.from_pydict(columns))
+
+    def close(self):
+        self.writer.close()
+
+
+class _NpySink:
+    def __init__(self, tmp, source):
+        self.tmp = tmp
+        self.n_rows = source.n_rows
+        self.out = None
+
+    def write(self, chunk, fixed, pred):
+        if self.out is None:
+            self.out = np.lib.format.open_memmap(
+                self.tmp, mode="w+", dtype=fixed.dtype, shape=(self.n_rows, fixed.shape[1])
+            )
+        self.out[chunk.row_offset : chunk.row_offset + len(fixed)] = fixed
+
+    def close(self):
+        if self.out is not None:
+            self.out.flush()
+            del self.out
+
+
+class _NpzSink:
+    def __init__(self, tmp, class_names):
+        self.tmp = tmp
+        self.class_names = class_names
+        self.parts = []
+
+    def write(self, chunk, fixed, pred):
+        self.parts.append((fixed, pred, chunk.labels))
+
+    def close(self):
+        if not self.parts:
+            return
+        arrays = {
+            "probs": np.concatenate([p[0] for p in self.parts]),
+            "pred": np.concatenate([p[1] for p in self.parts]).astype(np.int64),
+        }
+        if self.parts[0][2] is not None:
+            arrays["labels"] = np.concatenate([p[2] for p in self.parts])
+        if self.class_names is not None:
+            arrays["class_names"] = np.array(self.class_names, dtype=str)
+        with open(self.tmp, "wb") as fh:
+            np.savez(fh, **arrays)
