@@ -889,7 +889,7 @@ class _ArrayBatches:
         import torch
 
         start, stop = indices[0], indices[-1] + 1  # the sampler gives consecutive runs
-        chunk = np.ascontiguousarray(self.images[start:stop])
+        chunk = np.array(self.images[start:stop])  # a writable copy, also of a memmap
         positions = torch.arange(start, stop, dtype=torch.int64)
         try:
             if self.layout == "nhwc":
