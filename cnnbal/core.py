@@ -441,16 +441,17 @@ def apply_correction(
     b = H[:, -1].astype(dtype)
     result = np.matmul(probs, W, out=out)
     result += b
-    if np.isfinite(gate):
-        keep = probs.max(axis=1) >= gate
-        if keep.any():
-            result[keep] = probs[keep]
     if clip:
         np.maximum(result, 0, out=result)
         sums = result.sum(axis=1, keepdims=True)
         # A row of all non-positive scores cannot happen for rows summing to 1,
         # but guard the division anyway.
         np.divide(result, sums, out=result, where=sums > 0)
+    if np.isfinite(gate):
+        # rows at or above the gate are returned bit for bit as they came
+        keep = probs.max(axis=1) >= gate
+        if keep.any():
+            result[keep] = probs[keep]
     return result
 
 
