@@ -187,9 +187,10 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     if not path.is_file():
         raise CnnbalError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise CnnbalError(f"{name}: not a cnnbal H artifact (a .npy array, not an .npz)")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise CnnbalError(f"{name}: not a cnnbal H artifact (a .npy array, not an .npz)")
+        with loaded as archive:
             keys = set(archive.files)
             if "format" not in keys or str(archive["format"]) != FORMAT_NAME:
                 raise CnnbalError(f"{name}: not a cnnbal H artifact (no 'format: {FORMAT_NAME}')")
