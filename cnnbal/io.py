@@ -808,15 +808,18 @@ class TableWriter:
             self._writer.close()
 
 
-def probs_columns(probs: np.ndarray, layout: _TableLayout | None) -> dict:
+def probs_columns(probs: np.ndarray, layout: _TableLayout | None, *, flat: bool = False) -> dict:
     """Arrow columns holding ``probs`` in the layout of the input table.
 
     A list-column input gets a fixed-size list column ``probs``; a prefix-column
     input gets the same column names (``p_`` when the input held logits).
+    ``flat`` forces K columns (CSV cannot hold a list column).
     """
     import pyarrow as pa
 
     k = probs.shape[1]
+    if flat and (layout is None or layout.is_list):
+        return {f"p_{j}": pa.array(probs[:, j]) for j in range(k)}
     if layout is None or layout.is_list:
         values = pa.array(np.ascontiguousarray(probs).reshape(-1))
         return {"probs": pa.FixedSizeListArray.from_arrays(values, k)}

@@ -238,7 +238,9 @@ def _make_writer(tmp: Path, suffix: str, source, class_names):
 class _TableSink:
     def __init__(self, tmp, suffix, source, class_names):
         self.layout = source.layout
-        self.writer = TableWriter(tmp, ".csv" if suffix == ".csv" else ".parquet", class_names)
+        self.csv = suffix == ".csv"
+        self.source = source.path.name
+        self.writer = TableWriter(tmp, ".csv" if self.csv else ".parquet", class_names)
 
     def write(self, chunk, fixed, pred):
         import pyarrow as pa
@@ -246,12 +248,18 @@ class _TableSink:
         columns = {}
         if chunk.passthrough is not None:
             for name in chunk.passthrough.schema.names:
-                columns[name] = chunk.passthrough.column(name)
+                column = chunk.passthrough.column(name)
+                if self.csv and pa.types.is_nested(column.type):
+                    raise CnnbalError(
+                        f"{self.source}: column {name!r} ({column.type}) cannot be written to "
+                        "CSV; write .parquet instead"
+                    )
+                columns[name] = column
         else:  # an array input written as a table: keep its labels
             if chunk.labels is not None:
                 columns["label"] = pa.array(chunk.labels)
         columns["pred"] = pa.array(pred.astype(np.int64))
-        columns.update(probs_columns(fixed, self.layout))
+        columns.update(probs_columns(fixed, self.layout, flat=self.csv))
         self.writer.write(pa.RecordBatch.from_pydict(columns))
 
     def close(self):

@@ -173,6 +173,19 @@ def test_apply_parquet_streams_passthrough_and_pred(files):
     )
 
 
+def test_apply_list_column_to_csv_writes_flat_columns(files):
+    import pyarrow.csv as pacsv
+
+    tmp, val, test, probs, _ = files
+    run("fit", val, "-o", tmp / "H.npz")
+    result = run("apply", tmp / "H.npz", test, "-o", tmp / "out.csv")
+    assert result.exit_code == 0, result.output
+    table = pacsv.read_csv(tmp / "out.csv")
+    assert table.column_names == ["id", "path", "label", "pred"] + [f"p_{j}" for j in range(6)]
+    expected = apply_correction(load_artifact(tmp / "H.npz").H, probs[600:], 0.8)
+    np.testing.assert_allclose(table.column("p_5").to_numpy(), expected[:, 5], atol=1e-6)
+
+
 def test_apply_raw_scores_can_be_negative(files):
     tmp, val, test, *_ = files
     run("fit", val, "-o", tmp / "H.npz")
