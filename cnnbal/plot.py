@@ -1,0 +1,233 @@
+"""Figures of the report room: the sweep's Figure-3 curves (matplotlib only here).
+
+matplotlib is the optional ``plot`` extra; it is imported lazily, with the
+non-interactive Agg backend, so that nothing else in cnnbal pays for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cnnbal.errors import CnnbalError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cnnbal.sweep import SweepResult
+
+__all__ = ["plot_sweep", "require_matplotlib"]
+
+_LABELS = {
+    "r_low": "R_low (true-class probability floor)",
+    "r_high": "R_high (confidence ceiling, apply gate)",
+    "beta": "beta (weight exponent)",
+    "alpha": "alpha (pull toward identity)",
+}
+_SHORT = {
+    "worst20_accuracy": "worst-20%",
+    "low20_val_accuracy": "low-20% (val classes)",
+    "balanced_accuracy": "balanced",
+    "total_accuracy": "total",
+}
+
+
+def require_matplotlib():
+    """Import matplotlib's pyplot on the Agg backend, or explain how to install it.
+
+    Raises
+    ------
+    CnnbalError
+        matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise CnnbalError(
+            "--plot needs matplotlib, which is not installed: pip install 'cnnbal[plot]'"
+        ) from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(result: SweepResult, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Write the sweep as one panel per parameter, like the paper's Figure 3.
+
+    Each panel varies one parameter with the other three at the anchor
+    (:meth:`SweepResult.anchor`: the centre of ``curves``, else the chosen
+    configuration): the objective's and the total accuracy's cross-validated
+    change against raw, in percentage points, with the paired fold spread as a
+    band. Raw is the zero line; the eligibility limit on total accuracy is a
+    dashed line; ineligible points are hollow; the anchor's value is marked.
+
+    Parameters
+    ----------
+    result : SweepResult
+    path : str or PathLike
+        The PNG to write (atomically; any suffix, the format is PNG).
+    title : str, optional
+        First line of the figure title (e.g. the validation file's name).
+
+    Returns
+    -------
+    Path
+    """
+    from cnnbal.io import atomic_output
+    from cnnbal.sweep import PARAM_NAMES
+
+    plt = require_matplotlib()
+    path = Path(path)
+    objective = result.objective_score
+    anchor = result.anchor()
+    slices = result.slices(anchor)
+    chosen = result.chosen
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    series = [(objective, "tab:blue", "o")]
+    if objective != "total_accuracy":
+        series.append(("total_accuracy", "tab:orange", "s"))
+    for ax, name in zip(axes.ravel(), PARAM_NAMES, strict=True):
+        indices = slices[name]
+        x = np.array([getattr(result.configs[i], name) for i in indices])
+        ax.axhline(0.0, color="black", lw=1.2, label="raw (no correction)")
+        ax.axhline(
+            -result.max_total_drop,
+            color="tab:red",
+            lw=1,
+            ls="--",
+            label=f"total-accuracy limit (-{result.max_total_drop:g} pts)",
+        )
+        for score, color, marker in series:
+            gain = 100 * (result.mean(score)[indices] - result.raw_mean(score))
+            spread = 100 * result.gain_std(score)[indices]
+            label = f"{_SHORT[score]} accuracy" + (" (objective)" if score == objective else "")
+            ax.fill_between(x, gain - spread, gain + spread, color=color, alpha=0.18, lw=0)
+            ax.plot(x, gain, color=color, lw=1.8, label=label)
+            eligible = result.eligible[indices]
+            ax.scatter(x[eligible], gain[eligible], color=color, marker=marker, zorder=3)
+            ax.scatter(
+                x[~eligible],
+                gain[~eligible],
+                facecolors="white",
+                edgecolors=color,
+                marker=marker,
+                zorder=3,
+            )
+        _mark_anchor(ax, result, name, anchor, chosen)
+        _mark_best(ax, result, name, indices, x)
+        others = ", ".join(
+            f"{other}={_fmt(getattr(anchor, other))}" for other in PARAM_NAMES if other != name
+        )
+        ax.set_title(f"{name}   ({others})", fontsize=10)
+        ax.set_xlabel(_LABELS[name])
+        ax.set_ylabel("change vs raw (percentage points)")
+        ax.set_xticks(x)
+        ax.set_xticklabels([_fmt(v) for v in x])
+        ax.grid(alpha=0.3)
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    hollow = plt.Line2D([], [], ls="", marker="o", markerfacecolor="white", markeredgecolor="gray")
+    handles.append(hollow)
+    labels.append("hollow: not eligible (total drop over the limit)")
+    fig.legend(handles, labels, loc="outside lower center", ncol=5, fontsize=8.5, frameon=False)
+    fig.suptitle(_suptitle(result, title), fontsize=11)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _mark_anchor(ax, result: SweepResult, name: str, anchor, chosen) -> None:
+    value = getattr(anchor, name)
+    is_chosen = chosen is not None and all(
+        getattr(chosen, other) == getattr(anchor, other)
+        for other in ("r_low", "r_high", "beta", "alpha")
+    )
+    label = "chosen" if is_chosen else ("centre" if result.mode == "curves" else "anchor")
+    ax.axvline(value, color="tab:green", lw=1.2, alpha=0.7)
+    ax.annotate(
+        f"{label} {_fmt(value)}",
+        xy=(value, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, -12),
+        textcoords="offset points",
+        color="tab:green",
+        fontsize=8,
+    )
+    if chosen is not None and not is_chosen:
+        # the chosen point is elsewhere (curves mode): say where, if on this line
+        if all(
+            getattr(chosen, o) == getattr(anchor, o)
+            for o in ("r_low", "r_high", "beta", "alpha")
+            if o != name
+        ):
+            value = getattr(chosen, name)
+            ax.axvline(value, color="tab:purple", lw=1.2, ls=":")
+            ax.annotate(
+                f"chosen {_fmt(value)}",
+                xy=(value, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(-3, -24),
+                textcoords="offset points",
+                ha="right",
+                color="tab:purple",
+                fontsize=8,
+            )
+
+
+def _mark_best(ax, result: SweepResult, name: str, indices: np.ndarray, x: np.ndarray) -> None:
+    """Say in words which way this parameter wants to move (edge of the swept range?)."""
+    if len(indices) < 2:
+        ax.text(0.02, 0.04, "one value swept", transform=ax.transAxes, fontsize=8)
+        return
+    score = result.objective_score
+    objective = result.mean(score)[indices]
+    eligible = result.eligible[indices]
+    pool = np.flatnonzero(eligible) if eligible.any() else np.arange(len(indices))
+    best = pool[np.argmax(objective[pool])]
+    # differences smaller than the typical fold spread of the gain are noise
+    noise = float(np.mean(result.gain_std(score)[indices]))
+    if np.ptp(objective) < 0.05 / 100:
+        text = "flat: this parameter hardly matters here"
+    elif np.ptp(objective) < noise:
+        text = f"best at {_fmt(x[best])}, but within\nfold noise (±{100 * noise:.2f} pts)"
+    elif best == 0:
+        text = f"best at the lowest value {_fmt(x[0])}:\ntry lower"
+    elif best == len(x) - 1:
+        text = f"best at the highest value {_fmt(x[-1])}:\ntry higher"
+    else:
+        text = f"best inside the range, at {_fmt(x[best])}"
+    ax.text(
+        0.02,
+        0.04,
+        text,
+        transform=ax.transAxes,
+        fontsize=8.5,
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "lw": 0.5},
+    )
+
+
+def _suptitle(result: SweepResult, title: str | None) -> str:
+    objective = result.objective_score
+    raw = (
+        f"raw: {_SHORT[objective]} {100 * result.raw_mean(objective):.2f}%, "
+        f"total {100 * result.raw_mean('total_accuracy'):.2f}%"
+    )
+    chosen = result.chosen
+    if chosen is None:
+        verdict = "no configuration eligible: keep raw"
+    else:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.as_dict().items())
+        verdict = f"chosen {params}" + ("" if result.choice.beats_raw else " (does not beat raw)")
+    head = f"{title}: " if title else ""
+    return (
+        f"{head}{result.n_folds}-fold CV sweep on validation (n={result.n_samples}, "
+        f"K={result.n_classes}), objective {_SHORT[objective]}; band = fold spread of the "
+        f"gain\n{raw}; {verdict}"
+    )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
