@@ -27,8 +27,7 @@ from cnnbal._cli_common import (
     stdout_console,
 )
 from cnnbal.cli_extract import extract_command
-
-# from cnnbal.cli_sweep import sweep_command  # TEMP
+from cnnbal.cli_sweep import sweep_command
 
 app = typer.Typer(
     name="cnnbal",
@@ -338,7 +337,7 @@ def info_command(
     stdout_console().print(info_table(summary, title=str(h)))
 
 
-# app.command("sweep")(sweep_command)  # TEMP
+app.command("sweep")(sweep_command)
 app.command("extract")(extract_command)
 
 
