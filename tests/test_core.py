@@ -219,6 +219,17 @@ def test_competitive_mask_and_class_accuracy_by_hand():
     np.testing.assert_array_equal(counts, [1, 2, 1])
 
 
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_alpha_one_singular_system_gives_the_minimum_norm_solution(n_classes):
+    # With alpha = 1 every row, sample or padding, is orthogonal to [1, ..., 1, -1]
+    # (rows sum to 1): the normal equations are singular and the answer must be
+    # the minimum-norm one, as a pseudo-inverse of the stacked rows gives.
+    probs, labels = make_outputs(300, n_classes, seed=n_classes)
+    params = FitParams(alpha=1.0)
+    result = fit_elaborated(probs, labels, params)
+    np.testing.assert_allclose(result.H, stacked_elaborated(probs, labels, params), atol=1e-8)
+
+
 def test_fit_rejects_unknown_method():
     probs, labels = make_outputs(50, 3)
     with pytest.raises(ValueError, match="unknown method"):
@@ -230,7 +241,8 @@ def test_fit_rejects_unknown_method():
     n_classes=st.integers(2, 8),
     n_samples=st.integers(4, 80),
     seed=st.integers(0, 2**31),
-    alpha=st.floats(0.5, 10),
+    # alpha near 1 makes the system (nearly) singular: tested exactly below
+    alpha=st.floats(0.2, 0.8) | st.floats(1.5, 10),
     beta=st.floats(0.0, 3.0),
 )
 def test_property_matches_stacked_and_sums_to_one(n_classes, n_samples, seed, alpha, beta):
