@@ -195,8 +195,10 @@ def validate_probs(
                 "block (if these are logits, pass --logits)"
             )
     tiny = np.finfo(dtype).tiny
-    subnormal = (arr != 0) & (np.abs(arr) < tiny)
-    if subnormal.any():
+    # arr >= 0 here (checked above, or a softmax), so one comparison finds any
+    # subnormal candidates; the exact test runs only when there are some.
+    small = arr < tiny
+    if small.any() and (subnormal := small & (arr != 0)).any():
         if not arr.flags.writeable or arr is values:
             arr = np.array(arr, copy=True)
         arr[subnormal] = 0
