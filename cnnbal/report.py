@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from rich.table import Table
 
 from cnnbal.metrics import METRIC_NAMES, Comparison
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.table import Table
 
 __all__ = ["LABELS", "comparison_payload", "comparison_table", "info_table", "per_class_table"]
 
@@ -45,6 +49,8 @@ def _delta(name: str, raw: float, new: float) -> str:
 
 def comparison_table(comparison: Comparison, title: str = "") -> Table:
     """metric | raw | corrected | change | meaning."""
+    from rich.table import Table  # lazily: `evaluate --json` needs no tables
+
     table = Table(
         title=title or None,
         title_justify="left",
@@ -73,6 +79,8 @@ def comparison_table(comparison: Comparison, title: str = "") -> Table:
 
 def per_class_table(comparison: Comparison, class_names=None, artifact=None) -> Table:
     """Per-class recall raw vs corrected, lowest raw first."""
+    from rich.table import Table  # lazily: `evaluate --json` needs no tables
+
     table = Table(title="per-class accuracy (lowest raw first)", title_justify="left")
     table.add_column("class")
     table.add_column("n", justify="right")
@@ -128,6 +136,8 @@ def comparison_payload(comparison: Comparison, class_names=None) -> dict:
 
 def info_table(summary: dict, title: str = "") -> Table:
     """Key/value table of an artifact's description."""
+    from rich.table import Table  # lazily: `evaluate --json` needs no tables
+
     table = Table(title=title or None, title_justify="left", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
