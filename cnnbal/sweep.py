@@ -41,14 +41,13 @@ from cnnbal.core import (
     FitParams,
     _as_float64_rows,
     _floored_accuracy,
-    _sum_by_class,
     apply_correction,
     class_accuracy,
     identity_h,
     solve_normal_equations,
 )
 from cnnbal.errors import CnnbalError
-from cnnbal.metrics import class_recall, low_fraction_count, lowest_classes
+from cnnbal.metrics import low_fraction_count, lowest_classes
 
 __all__ = [
     "DEFAULT_CENTER",
@@ -101,6 +100,8 @@ OBJECTIVES: dict[str, str] = {
 _SINGLE_THREAD_MAX_CLASSES = 512
 # _solve takes its fast path only this far inside the core's conditioning threshold.
 _CORE_MARGIN = 1e3
+# |alpha - 1| below this makes the elaborated system (nearly) singular: warn.
+_ALPHA_NEAR_ONE = 0.1
 # Two means closer than this are a tie (scores are fractions in [0, 1]).
 _TIE = 1e-12
 
@@ -644,6 +645,13 @@ def run_sweep(
             if progress is not None:
                 progress(done, total_steps)
 
+    near_one = sorted({c.alpha for c in configs if abs(c.alpha - 1.0) < _ALPHA_NEAR_ONE})
+    if near_one:
+        notes.append(
+            f"alpha {', '.join(f'{a:g}' for a in near_one)} is near 1, where the padding rows "
+            "[alpha e_k, 1] are orthogonal to [1 .. 1 -1] like the sample rows: H is (nearly) "
+            "undetermined along that direction and amplifies float32 row-sum rounding"
+        )
     if floored_folds:
         notes.append(
             "zero training accuracy in some class(es) of fold(s) "
@@ -741,9 +749,14 @@ class _Fold:
     raw_pred: np.ndarray
     n_low: int
     low20_val_member: np.ndarray  # held-out samples of the low20_val classes
+    test_counts: np.ndarray  # held-out samples per class
+    test_present: np.ndarray  # classes with held-out samples
 
     @classmethod
     def build(cls, probs, p64, labels, train, test, n_classes) -> _Fold:
+        # training rows ordered by class, so that every competitive subset is
+        # too and its per-class sums are one reduceat (sums are order-free)
+        train = train[np.argsort(labels[train], kind="stable")]
         train_probs = p64[train]
         train_labels = labels[train]
         accuracy, counts = class_accuracy(train_probs, train_labels, n_classes)
@@ -767,21 +780,28 @@ class _Fold:
             raw_pred=test_probs.argmax(axis=1),
             n_low=n_low,
             low20_val_member=np.isin(test_labels, low20_val),
+            test_counts=test_counts,
+            test_present=test_counts > 0,
         )
 
     def scores(self, pred: np.ndarray) -> np.ndarray:
-        """:data:`SCORE_NAMES` of held-out predictions, as :func:`cnnbal.metrics.summarize`."""
+        """:data:`SCORE_NAMES` of held-out predictions, as :func:`cnnbal.metrics.summarize`.
+
+        The same divisions in the same order as :func:`cnnbal.metrics.class_recall`
+        and ``summarize``, with the per-fold class counts computed once.
+        """
         labels = self.test_labels
         right = pred == labels
-        recall, _ = class_recall(pred, labels, len(self.safe_accuracy))
-        present = recall[np.isfinite(recall)]
+        correct = np.bincount(labels[right], minlength=len(self.test_counts))
+        recall = correct[self.test_present] / self.test_counts[self.test_present]
         member = self.low20_val_member
+        n_member = np.count_nonzero(member)
         return np.array(
             [
-                float(np.mean(right)),
-                float(np.sort(present)[: self.n_low].mean()),
-                float(present.mean()),
-                float(np.mean(right[member])) if member.any() else float("nan"),
+                np.count_nonzero(right) / len(labels),
+                np.sort(recall)[: self.n_low].mean(),
+                recall.mean(),
+                np.count_nonzero(right[member]) / n_member if n_member else np.nan,
             ]
         )
 
@@ -817,7 +837,7 @@ class _SampleSystem:
         return cls(
             probs=probs,
             labels=labels,
-            class_sums=_sum_by_class(probs, labels, n_classes),
+            class_sums=_sum_sorted_by_class(probs, labels, n_classes),
             class_n=np.bincount(labels, minlength=n_classes),
         )
 
@@ -844,6 +864,15 @@ class _SampleSystem:
         # the padding's alpha-free part (alpha = 0 in _elaborated_system)
         gram[n_classes, n_classes] += n_classes
         return gram, rhs
+
+
+def _sum_sorted_by_class(rows: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Sum of ``rows`` per label for labels already sorted, shape (n_classes, rows.shape[1])."""
+    out = np.zeros((n_classes, rows.shape[1]))
+    if len(labels):
+        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        out[labels[starts]] = np.add.reduceat(rows, starts, axis=0)
+    return out
 
 
 def _add_padding(

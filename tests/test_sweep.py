@@ -98,7 +98,7 @@ SOME_CONFIGS = (
     FitParams(0.05, 0.7, 1.0, 4.0),  # same system as above, another alpha
     FitParams(0.05, 0.7, 2.0, 4.0),  # same competitive set, another beta
     FitParams(0.15, 0.9, 0.0, 0.5),
-    FitParams(0.3, 0.95, 3.0, 1.0),
+    FitParams(0.3, 0.95, 3.0, 1.5),  # alpha near 1 is degenerate: see the alpha test
     FitParams(0.6, 0.5, 1.5, 3.0),  # r_low >= r_high: empty competitive set, identity
 )
 
@@ -138,6 +138,14 @@ def test_grid_sweep_equals_plain_refit_on_a_grid(data):
     result = run_sweep(probs, labels, configs, n_folds=3, seed=0)
     expected, _ = plain_loop(probs, labels, configs, 3, 0)
     np.testing.assert_allclose(result.fold_scores, expected, rtol=0, atol=1e-8)
+
+
+def test_alpha_near_one_is_flagged(data):
+    # padding rows [alpha e_k, 1] are orthogonal to [1 .. 1 -1] at alpha = 1, as are
+    # the sample rows: H is then not unique along that direction
+    probs, labels = data
+    result = run_sweep(probs, labels, [FitParams(0.1, 0.8, 1.5, 1.0)], n_folds=2)
+    assert any("alpha" in note and "1" in note for note in result.warnings)
 
 
 def test_raw_scores_are_the_uncorrected_outputs(data):
@@ -498,3 +506,11 @@ def test_cli_plot_without_matplotlib_says_how_to_install(files, monkeypatch):
     assert result.exit_code == 2
     assert "pip install 'cnnbal[plot]'" in result.output
     assert not (tmp / "sweep.png").exists()
+
+
+def test_cli_progress_bar_path(files, monkeypatch):
+    import cnnbal.cli_sweep as cli_sweep
+
+    monkeypatch.setattr(cli_sweep, "show_progress", lambda: True)
+    _, val, _ = files
+    assert sweep_json(val, *SMALL, "--folds", 2)["sweep"]["n_folds"] == 2
