@@ -65,6 +65,7 @@ def sweep_command(
             help="Validation outputs with labels (.npz/.npy/.parquet/.csv): the only data "
             "the choice sees.",
             show_default=False,
+            metavar="VAL",
         ),
     ],
     test: Annotated[
@@ -88,7 +89,7 @@ def sweep_command(
         typer.Option(
             "--plot",
             help="Write the Figure-3-style curves (one panel per parameter) as PNG; "
-            "needs cnnbal[plot].",
+            "needs matplotlib (the plot extra).",
         ),
     ] = None,
     r_low: Annotated[
@@ -500,6 +501,7 @@ def _print_decision(console, result, output, written) -> None:
 
 
 def _print_test(console, report: dict, test: Path) -> None:
+    from rich import box
     from rich.table import Table
 
     table = Table(
@@ -508,6 +510,8 @@ def _print_test(console, report: dict, test: Path) -> None:
             "Not used for the choice."
         ),
         title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
     table.add_column("metric")
     table.add_column("raw %", justify="right")

@@ -147,12 +147,15 @@ def _mark_anchor(ax, result: SweepResult, name: str, anchor, chosen) -> None:
     )
     label = "chosen" if is_chosen else ("centre" if result.mode == "curves" else "anchor")
     ax.axvline(value, color="tab:green", lw=1.2, alpha=0.7)
+    low, high = ax.get_xlim()
+    right_half = value > (low + high) / 2  # write the label on the side with room
     ax.annotate(
         f"{label} {_fmt(value)}",
         xy=(value, 1.0),
         xycoords=("data", "axes fraction"),
-        xytext=(3, -12),
+        xytext=(-3 if right_half else 3, -12),
         textcoords="offset points",
+        ha="right" if right_half else "left",
         color="tab:green",
         fontsize=8,
     )

@@ -514,3 +514,22 @@ def test_cli_progress_bar_path(files, monkeypatch):
     monkeypatch.setattr(cli_sweep, "show_progress", lambda: True)
     _, val, _ = files
     assert sweep_json(val, *SMALL, "--folds", 2)["sweep"]["n_folds"] == 2
+
+
+def test_cli_through_a_real_subprocess(files):
+    import subprocess
+    import sys
+
+    from cnnbal import cli
+
+    if "sweep" not in {c.name for c in cli.app.registered_commands}:
+        pytest.skip("sweep is not registered in cnnbal.cli yet")
+    _, val, _ = files
+    done = subprocess.run(
+        [sys.executable, "-m", "cnnbal", "sweep", str(val), *SMALL, "--folds", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sweep"]["n_configs"] == 16
