@@ -94,9 +94,14 @@ def extract_command(
     ] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
     workers: Annotated[
-        int,
-        typer.Option("--workers", help="Data loader processes decoding images (0: in-process)."),
-    ] = 2,
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Data loader processes decoding images; 0 decodes in-process "
+            "(default: 0 on CPU, min(8, CPUs) on CUDA/MPS).",
+            show_default=False,
+        ),
+    ] = None,
     amp: Annotated[
         Amp, typer.Option("--amp", help="Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA).")
     ] = Amp.none,

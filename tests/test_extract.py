@@ -257,6 +257,18 @@ def test_worker_processes_give_the_same_probs(model, class_folder, tmp_path):
     assert first.equals(second)
 
 
+def test_errors_from_worker_processes_stay_one_line(scripted_path, class_folder, tmp_path):
+    broken = class_folder / "emu" / "zz_broken.png"
+    broken.write_bytes(b"not a png")
+    args = [scripted_path, class_folder, "--crop", 16, "--workers", 2, "--batch-size", 2]
+    result = run_cli(*args, "-o", tmp_path / "o.parquet")
+    assert result.exit_code == 2
+    assert str(broken) in error_line(result)
+    result = run_cli(*args, "-o", tmp_path / "o.parquet", "--skip-bad")
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / "o.parquet").num_rows == 9
+
+
 def test_grayscale_channel_choice(class_folder, tmp_path):
     from _tiny_model import make_gray_model
 
@@ -382,13 +394,20 @@ def test_interrupt_removes_the_temporary_file(model, class_folder, tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
-def test_never_overwrites_the_input(model, tmp_path):
+def test_never_overwrites_the_input(model, class_folder, tmp_path):
     data = tmp_path / "images.npz"
     np.savez(data, images=np.zeros((2, 8, 8, 3), dtype=np.uint8))
-    before = data.read_bytes()
-    with pytest.raises(CnnbalError, match="is an input file"):
-        api.extract(model, api.discover(data), data)
-    assert data.read_bytes() == before
+    image = class_folder / "dog" / "img1.png"
+    (tmp_path / "x").mkdir()
+    for source, out in [
+        (data, data),
+        (class_folder, image),
+        (class_folder, tmp_path / "x/../data/dog/img1.png"),
+    ]:
+        before = out.read_bytes()
+        with pytest.raises(CnnbalError, match="is an input file"):
+            api.extract(model, api.discover(source), out)
+        assert out.read_bytes() == before
 
 
 def test_progress_callback_counts_every_image(model, class_folder, tmp_path):
