@@ -143,6 +143,9 @@ def extract_command(
     except CnnbalError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:  # the API has removed its temporary file
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
     skipped = f", skipped {report.n_skipped} unreadable" if report.n_skipped else ""
     typer.echo(
         f"extracted {report.n_images} images{skipped} on {report.device} in "

@@ -354,6 +354,30 @@ def test_npz_without_labels_and_crop(model, tmp_path):
     np.testing.assert_allclose(read_vectors(table, "probs"), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("images", "channels"),
+    [
+        (np.full((3, 9, 12, 1), 200, dtype=np.uint8), 3),  # gray uint8 -> RGB
+        (np.full((3, 9, 12, 3), 200, dtype=np.uint8), 1),  # RGB uint8 -> gray
+        (np.full((3, 1, 9, 12), 200 / 255, dtype=np.float32), 3),  # gray float -> RGB
+        (np.full((3, 3, 9, 12), 200 / 255, dtype=np.float32), 1),  # RGB float -> gray
+    ],
+)
+def test_array_channel_conversion_and_resize(tmp_path, images, channels):
+    """Constant images stay constant through conversion and resizing (to 6 x 8)."""
+    from _tiny_model import make_model
+
+    model = make_model(in_channels=channels)
+    data = tmp_path / "images.npy"
+    np.save(data, images)
+    out = tmp_path / "probs.parquet"
+    prep = api.Preprocessing(size=6, channels=channels, mean=(0.5,), std=(0.25,))
+    api.extract(model, api.discover(data), out, preprocessing=prep)
+    expected_input = torch.full((3, channels, 6, 8), (200 / 255 - 0.5) / 0.25)
+    _, expected = forward(model, expected_input)
+    np.testing.assert_allclose(read_vectors(pq.read_table(out), "probs"), expected, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Atomic output: a failing run leaves neither the output nor a temporary file.
 
@@ -392,6 +416,16 @@ def test_interrupt_removes_the_temporary_file(model, class_folder, tmp_path):
             progress=interrupt,
         )
     assert list(out_dir.iterdir()) == []
+
+
+def test_cli_interrupt_exits_130(monkeypatch, scripted_path, flat_folder, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "extract", interrupted)
+    result = run_cli(scripted_path, flat_folder, "-o", tmp_path / "o.parquet")
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "interrupted"
 
 
 def test_never_overwrites_the_input(model, class_folder, tmp_path):
