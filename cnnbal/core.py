@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 METHODS = ("elaborated", "naive")
+#: Cholesky is trusted when its smallest pivot is at least this fraction of the
+#: largest (condition number below ~1e8); otherwise minimum-norm least squares.
+PIVOT_RATIO_MIN = 1e-4
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ def solve_normal_equations(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         # [1, ..., 1, -alpha] and the system is singular (pivot ratios on real
         # CIFAR outputs at alpha = 3: 0.02-0.6).
         diag = np.abs(np.diag(factor))
-        if diag.min() > 1e-4 * diag.max():
+        if diag.min() > PIVOT_RATIO_MIN * diag.max():
             # numpy has no triangular solve; LU on the well-conditioned gram
             # costs about the same and is as exact.
             return np.linalg.solve(gram, rhs.T).T

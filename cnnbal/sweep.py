@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from cnnbal.core import (
+    PIVOT_RATIO_MIN,
     FitParams,
     _as_float64_rows,
     _floored_accuracy,
@@ -99,7 +100,7 @@ OBJECTIVES: dict[str, str] = {
 # Up to this many classes the sweep runs BLAS single-threaded (see _small_blas_threads).
 _SINGLE_THREAD_MAX_CLASSES = 512
 # _solve takes its fast path only this far inside the core's conditioning threshold.
-_CORE_MARGIN = 1e3
+_CORE_MARGIN = 10.0
 # |alpha - 1| below this makes the elaborated system (nearly) singular: warn.
 _ALPHA_NEAR_ONE = 0.1
 # Two means closer than this are a tie (scores are fractions in [0, 1]).
@@ -911,10 +912,10 @@ def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     factor, info = lapack.dpotrf(gram, lower=1, clean=0)
     if info == 0:
         diag = np.abs(np.diag(factor))
-        # the core's test is diag.min() > sqrt(eps) * diag.max(); near that line
+        # the core's test is diag.min() > PIVOT_RATIO_MIN * diag.max(); near that line
         # (e.g. alpha = 1, where the padding rows leave [1 .. 1 -1] unconstrained)
         # the two factorisations could decide differently, so leave it to the core
-        if diag.min() > _CORE_MARGIN * np.sqrt(np.finfo(np.float64).eps) * diag.max():
+        if diag.min() > _CORE_MARGIN * PIVOT_RATIO_MIN * diag.max():
             solution, info = lapack.dpotrs(factor, rhs.T, lower=1)
             if info == 0:
                 return solution.T
