@@ -11,6 +11,7 @@ shape (n_classes, n_classes + 1).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -210,6 +211,33 @@ def solve_normal_equations(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     -------
     H : ndarray of shape (n_classes, n_classes + 1)
     """
+    with _one_blas_thread(len(gram)):
+        return _solve_normal_equations(gram, rhs)
+
+
+#: From this size on, the solve runs on one BLAS thread (see _one_blas_thread).
+_ONE_THREAD_FROM = 256
+
+
+@contextlib.contextmanager
+def _one_blas_thread(size: int):
+    """One BLAS thread for the (K+1)-square factorisation and solve of a large K.
+
+    A multi-threaded Cholesky of a 1001 x 1001 matrix took 85-1,300 ms on a busy
+    2-core machine against 12-22 ms on one thread (METHOD.md 6 saw the same on
+    small solves); the factorisation is too small to gain from threads. Small
+    systems skip threadpoolctl and its import altogether.
+    """
+    if size < _ONE_THREAD_FROM:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _solve_normal_equations(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     # numpy only: importing scipy.linalg costs ~0.1-0.2 s of CLI start-up, and
     # its OpenBLAS fights numpy's over the cores on small solves (METHOD.md 6).
     try:
@@ -266,20 +294,20 @@ def fit_elaborated(
     """
     n_classes = probs.shape[1] if n_classes is None else n_classes
     labels = np.asarray(labels, dtype=np.int64)
-    p = _as_float64_rows(probs)
-    accuracy, counts = class_accuracy(p, labels, n_classes)
+    # argmax is unchanged by renormalising a row, so accuracy reads the input as is
+    accuracy, counts = class_accuracy(probs, labels, n_classes)
     safe_accuracy, floored, empty = _floored_accuracy(accuracy, counts)
     notes = _class_notes(floored, empty, counts)
 
-    mask = competitive_mask(p, labels, params.r_low, params.r_high)
-    n_competitive = int(mask.sum())
+    p, competitive_labels = _competitive_rows(probs, labels, params.r_low, params.r_high)
+    n_competitive = len(competitive_labels)
     if n_competitive == 0:
         notes.append("the competitive set is empty: H is the identity [I 0]")
         H = identity_h(n_classes)
     else:
         class_weight_sq = safe_accuracy ** (-2.0 * params.beta)
         gram, rhs = _elaborated_system(
-            p[mask], labels[mask], class_weight_sq, params.alpha, n_classes
+            p, competitive_labels, class_weight_sq, params.alpha, n_classes, overwrite=True
         )
         H = solve_normal_equations(gram, rhs)
     _emit(notes)
@@ -298,24 +326,44 @@ def fit_elaborated(
     )
 
 
+def _competitive_rows(
+    probs: np.ndarray, labels: np.ndarray, r_low: float, r_high: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The competitive rows (METHOD.md 2, step 2), renormalised in float64, and their labels.
+
+    Equal to ``_as_float64_rows(probs)[competitive_mask(...)]`` but converts only
+    the competitive rows: the tests need just two numbers per row (true-class
+    and largest probability, divided by the row sum), and a float64 copy of
+    every row costs more than the Gram product at N=50,000, K=1,000.
+    """
+    sums = probs.sum(axis=1, dtype=np.float64)
+    true_prob = probs[np.arange(len(labels)), labels] / sums
+    top = probs.max(axis=1) / sums
+    mask = (true_prob > r_low) & (top < r_high)
+    rows = probs[mask].astype(np.float64)
+    rows /= sums[mask, None]
+    return rows, labels[mask]
+
+
 def _elaborated_system(
     p: np.ndarray,
     labels: np.ndarray,
     class_weight_sq: np.ndarray,
     alpha: float,
     n_classes: int,
+    *,
+    overwrite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normal equations ``gram = X^T X`` and ``rhs = T^T X`` of METHOD.md 2, step 4.
 
     Built without materialising the stacked rows: the sample rows contribute
     ``sum s_n^2 pbar_n pbar_n^T`` and ``sum s_n^2 e_{c_n} pbar_n^T``, the
     padding rows ``[[alpha^2 I, alpha 1], [alpha 1^T, K]]`` and
-    ``[alpha^2 I, alpha 1]``.
+    ``[alpha^2 I, alpha 1]``. With ``overwrite`` the rows ``p`` are scaled in
+    place (saves a copy the size of the competitive set).
     """
     w_sq = class_weight_sq[labels]  # s_n^2, one per competitive sample
-    scaled = p * np.sqrt(w_sq)[:, None]  # rows s_n p_n
     gram = np.empty((n_classes + 1, n_classes + 1))
-    gram[:n_classes, :n_classes] = scaled.T @ scaled
     col = p.T @ w_sq  # sum s_n^2 p_n
     gram[:n_classes, n_classes] = col
     gram[n_classes, :n_classes] = col
@@ -327,6 +375,10 @@ def _elaborated_system(
     rhs = np.empty((n_classes, n_classes + 1))
     rhs[:, :n_classes] = class_sums * class_weight_sq[:, None]
     rhs[:, n_classes] = class_n * class_weight_sq
+
+    scaled = p if overwrite else p.copy()
+    scaled *= np.sqrt(w_sq)[:, None]  # rows s_n p_n
+    gram[:n_classes, :n_classes] = scaled.T @ scaled
 
     # identity padding rows
     diag = np.arange(n_classes)
