@@ -13,8 +13,12 @@ and reports the overhead of extract against the sum of the first two:
 ``time(extract) / (time(decode+preprocess) + time(forward)) - 1``. The target is
 at most 25% at batch size 64. Medians over ``--repeats`` runs.
 
-    python benchmarks/bench_extract.py            # 3072 images of 64x64, 3 repeats
-    python benchmarks/bench_extract.py --quick    # 640 images of 64x64, 1 repeat
+    python benchmarks/bench_extract.py              # 3072 images of 64x64, 3 repeats
+    python benchmarks/bench_extract.py --quick      # 640 images of 64x64, 1 repeat
+    python benchmarks/bench_extract.py --threads 1  # steadier on a busy machine
+
+Also printed: the best run of each (the least disturbed on a shared machine)
+and the CPU seconds of this process plus its finished workers.
 """
 
 from __future__ import annotations
@@ -134,7 +138,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice). On a shared machine 1 is far "
+        "steadier: with 2 threads a barrier waits on whichever thread lost its core.",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.images, args.repeats = 640, 1
 
