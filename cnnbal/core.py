@@ -23,6 +23,7 @@ __all__ = [
     "FitParams",
     "FitResult",
     "apply_correction",
+    "argmax_rows",
     "class_accuracy",
     "competitive_mask",
     "fit",
@@ -474,14 +475,17 @@ def apply_correction(
     gate: float = float("inf"),
     *,
     clip: bool = True,
-    out: np.ndarray | None = None,
+    row_max: np.ndarray | None = None,
 ) -> np.ndarray:
     """Correct outputs with H, METHOD.md 3.
 
     Rows whose maximum is below ``gate`` become ``W p + b``; the others are
-    left unchanged. One matrix product with the bias added in place (no
-    ``hstack``); computed in the dtype of ``probs`` when it is float32 (fast,
-    and the precision of the input) else float64.
+    returned bit for bit as they came. One matrix product with the bias added
+    in place (no ``hstack``); computed in float32 for float32 input (fast, and
+    the precision of the input), else float64. The result has the memory
+    layout of ``probs``: a column-major input (one contiguous array per class,
+    as read from a table of K columns) gives a column-major output, so no
+    step transposes a large array.
 
     Parameters
     ----------
@@ -493,8 +497,8 @@ def apply_correction(
         Clip negative scores to 0 and renormalise each row to sum to 1; the
         argmax never changes. ``False`` returns the raw affine scores (they
         still sum to 1 when the input rows do, but may be negative).
-    out : ndarray of shape (n_samples, n_classes), optional
-        Preallocated output (dtype as described above).
+    row_max : ndarray of shape (n_samples,), optional
+        ``probs.max(axis=1)`` if the caller has it already.
 
     Returns
     -------
@@ -502,9 +506,13 @@ def apply_correction(
     """
     dtype = np.float32 if probs.dtype == np.float32 else np.float64
     probs = np.asarray(probs, dtype=dtype)
-    W = H[:, :-1].T.astype(dtype)
+    W = H[:, :-1].astype(dtype)
     b = H[:, -1].astype(dtype)
-    result = np.matmul(probs, W, out=out)
+    if probs.flags.f_contiguous and not probs.flags.c_contiguous:
+        # (W @ P^T)^T: both operands contiguous, the result column-major
+        result = np.matmul(W, probs.T).T
+    else:
+        result = np.matmul(probs, W.T)
     result += b
     if clip:
         np.maximum(result, 0, out=result)
@@ -519,10 +527,42 @@ def apply_correction(
             np.divide(result, sums, out=result, where=positive)
     if np.isfinite(gate):
         # rows at or above the gate are returned bit for bit as they came
-        keep = probs.max(axis=1) >= gate
+        keep = (probs.max(axis=1) if row_max is None else row_max) >= gate
         if keep.any():
-            result[keep] = probs[keep]
+            # result * 0 + probs * 1 and result * 1 + probs * 0 are exact (all
+            # finite), and 4x faster than a masked copy (np.copyto(where=...))
+            keep_f = keep.astype(dtype)[:, None]
+            result *= 1 - keep_f
+            result += probs * keep_f
     return result
+
+
+def argmax_rows(scores: np.ndarray) -> np.ndarray:
+    """``scores.argmax(axis=1)`` (first maximum wins) for any memory layout.
+
+    numpy's argmax along rows of a column-major array copies the whole array
+    first (10x slower); here the classes are scanned one contiguous column at
+    a time instead.
+
+    Parameters
+    ----------
+    scores : ndarray of shape (n_samples, n_classes)
+
+    Returns
+    -------
+    ndarray of shape (n_samples,), int64
+    """
+    if not (scores.flags.f_contiguous and not scores.flags.c_contiguous):
+        return scores.argmax(axis=1)
+    columns = scores.T  # (n_classes, n_samples), C-contiguous
+    best = columns[0].copy()
+    index = np.zeros(len(best), dtype=np.int64)
+    better = np.empty(len(best), dtype=bool)
+    for k in range(1, len(columns)):
+        np.greater(columns[k], best, out=better)
+        np.copyto(index, k, where=better)
+        np.maximum(best, columns[k], out=best)
+    return index
 
 
 def _class_notes(floored: tuple[int, ...], empty: tuple[int, ...], counts: np.ndarray) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnbal.artifact import Artifact, load_artifact, save_artifact
-from cnnbal.core import DEFAULT_PARAMS, FitParams, apply_correction, fit
+from cnnbal.core import DEFAULT_PARAMS, FitParams, apply_correction, argmax_rows, fit
 from cnnbal.errors import CnnbalError
 from cnnbal.io import (
     Outputs,
@@ -213,12 +213,21 @@ def apply_file(
                 check_compatible(
                     artifact, chunk.probs.shape[1], source.class_names, in_path, h_path.name
                 )
-                fixed = correct(artifact, chunk.probs, clip=not raw_scores)
-                pred = fixed.argmax(axis=1)
-                raw_pred = chunk.probs.argmax(axis=1)
+                row_max = chunk.probs.max(axis=1)
+                fixed = apply_correction(
+                    artifact.H,
+                    chunk.probs,
+                    artifact.apply_gate,
+                    clip=not raw_scores,
+                    row_max=row_max,
+                )
+                pred = argmax_rows(fixed)
                 n_rows += len(pred)
-                n_corrected += int(np.sum(chunk.probs.max(axis=1) < artifact.apply_gate))
-                n_changed += int(np.sum(pred != raw_pred))
+                n_corrected += int(np.sum(row_max < artifact.apply_gate))
+                # changed: the new prediction is not a top class of the raw row
+                # (a gather, instead of a second argmax over the whole block)
+                raw_at_pred = chunk.probs[np.arange(len(pred)), pred]
+                n_changed += int(np.sum(raw_at_pred < row_max))
                 writer.write(chunk, fixed, pred)
                 if progress is not None:
                     progress(n_rows)

@@ -173,6 +173,22 @@ def test_apply_parquet_streams_passthrough_and_pred(files):
     )
 
 
+def test_apply_json_report_counts(tmp_path):
+    probs, labels = make_outputs(3000, 8, seed=21)
+    np.savez(tmp_path / "val.npz", probs=probs[:1000], labels=labels[:1000])
+    run("fit", tmp_path / "val.npz", "-o", tmp_path / "H.npz")
+    write_parquet(tmp_path / "t.parquet", probs[1000:], labels[1000:], layout="p_")
+    result = run("apply", tmp_path / "H.npz", tmp_path / "t.parquet", "-o",
+                 tmp_path / "o.parquet", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    corrected = apply_correction(load_artifact(tmp_path / "H.npz").H, probs[1000:], 0.8)
+    assert report["rows"] == 2000
+    assert report["corrected"] == int(np.sum(probs[1000:].max(axis=1) < 0.8))
+    changed = int(np.sum(corrected.argmax(axis=1) != probs[1000:].argmax(axis=1)))
+    assert report["changed_predictions"] == changed > 0
+
+
 def test_apply_list_column_to_csv_writes_flat_columns(files):
     import pyarrow.csv as pacsv
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from cnnbal.core import (
     FitParams,
     apply_correction,
+    argmax_rows,
     class_accuracy,
     competitive_mask,
     fit,
@@ -260,3 +261,23 @@ def test_property_matches_stacked_and_sums_to_one(n_classes, n_samples, seed, al
         np.testing.assert_allclose(result.H, reference, atol=1e-7 * scale)
     corrected = apply_correction(result.H, probs, result.apply_gate, clip=False)
     np.testing.assert_allclose(corrected.sum(axis=1), 1.0, atol=1e-8)
+
+
+def test_argmax_rows_matches_numpy_in_both_layouts_first_max_wins():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, (500, 6)).astype(np.float32)  # many ties
+    expected = scores.argmax(axis=1)
+    np.testing.assert_array_equal(argmax_rows(scores), expected)
+    np.testing.assert_array_equal(argmax_rows(np.asfortranarray(scores)), expected)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_column_major_input_gives_same_correction_column_major(clip):
+    probs, labels = make_outputs(700, 9, seed=12)
+    result = fit_elaborated(probs, labels)
+    row_major = apply_correction(result.H, probs, result.apply_gate, clip=clip)
+    col_major = apply_correction(result.H, np.asfortranarray(probs), result.apply_gate, clip=clip)
+    assert col_major.flags.f_contiguous
+    np.testing.assert_allclose(col_major, row_major, atol=1e-6)
+    confident = probs.max(axis=1) >= result.apply_gate
+    np.testing.assert_array_equal(col_major[confident], probs[confident])
