@@ -105,6 +105,14 @@ def extract_command(
     amp: Annotated[
         Amp, typer.Option("--amp", help="Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA).")
     ] = Amp.none,
+    classes: Annotated[
+        Path | None,
+        typer.Option(
+            "--classes",
+            help="The model's class names, one per line, in output order (for flat folders "
+            "and arrays; replaces folder names).",
+        ),
+    ] = None,
     save_logits: Annotated[
         bool, typer.Option("--save-logits", help="Also write a 'logits' column.")
     ] = False,
@@ -128,6 +136,7 @@ def extract_command(
             out=out,
             weights=weights,
             labels=labels,
+            classes=classes,
             size=size,
             crop=crop,
             mean=mean,
@@ -158,7 +167,7 @@ def extract_command(
         typer.echo(f"skipped: ... and {report.n_skipped - 5} more", err=True)
 
 
-def _run(*, model, data, out, weights, labels, mean, std, size, crop, channels, **options):
+def _run(*, model, data, out, weights, labels, classes, mean, std, size, crop, channels, **options):
     from cnnbal import extract as api
 
     api.require_torch()
@@ -173,7 +182,12 @@ def _run(*, model, data, out, weights, labels, mean, std, size, crop, channels, 
     for input_path in (Path(model), weights):
         if input_path is not None and input_path.exists() and input_path.resolve() == out_resolved:
             raise CnnbalError(f"{out}: is an input file; choose another output path")
-    source = api.discover(data, labels_path=labels)
+    names = None
+    if classes is not None:
+        from cnnbal.io import read_class_names
+
+        names = read_class_names(classes)
+    source = api.discover(data, labels_path=labels, class_names=names)
     loaded = api.load_model(model, weights)
     if not show_progress():
         return api.extract(loaded, source, out, preprocessing=preprocessing, **options)

@@ -136,8 +136,8 @@ class ImageSource:
     labels : ndarray of shape (n_images,) int64 or None
         The true class of each image, when known.
     class_names : list of str or None
-        Sorted class folder names (``kind="classes"``), else None: the names
-        then become ``"0"`` ... ``"K-1"`` once the model's K is known.
+        Sorted class folder names (``kind="classes"``) or names given to
+        :func:`discover`, else None (the output then carries no names).
     images : ndarray or None
         For arrays: the images, ``(N, H, W, C)`` uint8 or ``(N, C, H, W)``
         float (memory-mapped for ``.npy``); None for folders.
@@ -175,8 +175,8 @@ class ExtractReport:
     seconds : float
         Wall-clock time of the whole run, from loading the first batch to the
         renamed output file.
-    class_names : list of str
-        The class names written to the file's metadata, K of them.
+    class_names : list of str or None
+        The class names written to the file's metadata, K of them (None: none known).
     skipped : tuple of str
         The paths of the skipped images.
     """
@@ -185,7 +185,7 @@ class ExtractReport:
     n_skipped: int
     device: str
     seconds: float
-    class_names: list[str]
+    class_names: list[str] | None
     skipped: tuple[str, ...] = ()
 
     @property
@@ -262,7 +262,10 @@ def load_model(
 
 
 def discover(
-    data_path: str | os.PathLike, *, labels_path: str | os.PathLike | None = None
+    data_path: str | os.PathLike,
+    *,
+    labels_path: str | os.PathLike | None = None,
+    class_names: list[str] | None = None,
 ) -> ImageSource:
     """Find the images under ``data_path`` and their labels.
 
@@ -285,6 +288,9 @@ def discover(
         files and hidden entries are ignored.
     labels_path : str or path, optional
         An ``.npy`` file of ``N`` integer labels, for array data.
+    class_names : list of str, optional
+        The model's class names, in output order: for flat folders and arrays,
+        or to replace the folder names of a class-folder tree (same count).
 
     Returns
     -------
@@ -305,10 +311,24 @@ def discover(
                 f"{labels_path}: --labels goes with .npy data; an image folder gets its "
                 "labels from its class subfolders"
             )
-        return _discover_folder(path)
-    if path.suffix.lower() not in (".npy", ".npz"):
+        source = _discover_folder(path)
+    elif path.suffix.lower() not in (".npy", ".npz"):
         raise CnnbalError(f"{path}: expected an image folder or an .npy/.npz array")
-    return _discover_array(path, None if labels_path is None else Path(labels_path))
+    else:
+        source = _discover_array(path, None if labels_path is None else Path(labels_path))
+    if class_names is None:
+        return source
+    if source.class_names is not None and len(class_names) != len(source.class_names):
+        raise CnnbalError(
+            f"{path}: {len(class_names)} class names given for {len(source.class_names)} "
+            "class folders"
+        )
+    if source.labels is not None and len(source.labels) and source.labels.max() >= len(class_names):
+        raise CnnbalError(
+            f"{path}: label {source.labels.max()} is out of range for {len(class_names)} "
+            "class names"
+        )
+    return dataclasses.replace(source, class_names=list(class_names))
 
 
 def load_image(
@@ -1038,8 +1058,9 @@ def _check_logits(logits, batch_size: int, source: ImageSource):
         )
     n_outputs = logits.shape[1]
     if source.class_names is not None and n_outputs != len(source.class_names):
+        what = "class folders" if source.kind == "classes" else "class names"
         raise CnnbalError(
-            f"{source.path}: {len(source.class_names)} class folders but the model outputs "
+            f"{source.path}: {len(source.class_names)} {what} but the model outputs "
             f"{n_outputs} classes"
         )
     if source.labels is not None and len(source.labels) and source.labels.max() >= n_outputs:
@@ -1060,7 +1081,7 @@ class _BatchWriter:
         self.temp_path = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         self.writer = None
         self.schema = None
-        self.class_names: list[str] = []
+        self.class_names: list[str] | None = None
         self.n_rows = 0
         self.rows_per_group = MAX_ROWS_PER_GROUP
         self.buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
@@ -1079,7 +1100,9 @@ class _BatchWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.class_names = self.source.class_names or [str(k) for k in range(n_classes)]
+        # no invented names ("0".."K-1"): they would clash with the real names
+        # stored in an H fitted on class folders
+        self.class_names = self.source.class_names
         vector = pa.list_(pa.float32(), n_classes)
         fields = []
         if self.source.labels is not None:
@@ -1088,7 +1111,9 @@ class _BatchWriter:
         if self.save_logits:
             fields.append(pa.field("logits", vector))
         fields.append(pa.field("path", pa.string()))
-        metadata = {CLASS_NAMES_KEY: json.dumps(self.class_names).encode()}
+        metadata = (
+            {CLASS_NAMES_KEY: json.dumps(self.class_names).encode()} if self.class_names else None
+        )
         self.schema = pa.schema(fields, metadata=metadata)
         bytes_per_row = 4 * n_classes * (2 if self.save_logits else 1) + 64
         self.rows_per_group = int(

@@ -239,7 +239,9 @@ def test_flat_folder_has_no_label_column(model, flat_folder, tmp_path):
     table = pq.read_table(out)
     assert table.schema.names == ["probs", "path"]
     assert table.num_rows == 4 == report.n_images
-    assert json.loads(table.schema.metadata[b"cnnbal.class_names"]) == ["0", "1", "2"]
+    # no invented names: "0", "1", ... would clash with the real names stored in an H
+    assert b"cnnbal.class_names" not in (table.schema.metadata or {})
+    assert report.class_names is None
     files = sorted(flat_folder.glob("*.png"))
     _, expected = forward(model, [reference_input(f) for f in files])
     np.testing.assert_allclose(read_vectors(table, "probs"), expected, atol=1e-6, rtol=0)
@@ -625,3 +627,17 @@ def test_command_in_a_real_process(scripted_path, class_folder, tmp_path):
     assert lines[0].startswith("extracted 9 images on cpu in ")
     assert "images/s" in lines[0]
     assert pq.read_table(out).num_rows == 9
+
+
+def test_classes_file_names_a_flat_folder(scripted_path, flat_folder, tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("ant\nbee\ncow\n")
+    out = tmp_path / "named.parquet"
+    result = run_cli(scripted_path, flat_folder, "-o", out, "--classes", classes)
+    assert result.exit_code == 0, result.output
+    meta = pq.read_schema(out).metadata
+    assert json.loads(meta[b"cnnbal.class_names"]) == ["ant", "bee", "cow"]
+    classes.write_text("ant\nbee\n")
+    bad = run_cli(scripted_path, flat_folder, "-o", tmp_path / "x.parquet", "--classes", classes)
+    assert bad.exit_code == 2
+    assert "2 class names but the model outputs 3" in bad.stderr
