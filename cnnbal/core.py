@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 METHODS = ("elaborated", "naive")
+#: |alpha - 1| below this makes the elaborated system (nearly) singular: a warning.
+ALPHA_NEAR_ONE = 0.1
 #: Cholesky is trusted when its smallest pivot is at least this fraction of the
 #: largest (condition number below ~1e8); otherwise minimum-norm least squares.
 PIVOT_RATIO_MIN = 1e-4
@@ -300,6 +302,12 @@ def fit_elaborated(
     safe_accuracy, floored, empty = _floored_accuracy(accuracy, counts)
     notes = _class_notes(floored, empty, counts)
 
+    if abs(params.alpha - 1.0) < ALPHA_NEAR_ONE:
+        notes.append(
+            f"alpha={params.alpha:g} is close to 1: every row, padding included, is then nearly "
+            "orthogonal to [1, ..., 1, -alpha], the system is (nearly) singular and H unstable; "
+            "use alpha >= 1.1"
+        )
     p, competitive_labels = _competitive_rows(probs, labels, params.r_low, params.r_high)
     n_competitive = len(competitive_labels)
     if n_competitive == 0:

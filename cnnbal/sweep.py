@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from cnnbal.core import (
+    ALPHA_NEAR_ONE,
     PIVOT_RATIO_MIN,
     FitParams,
     _as_float64_rows,
@@ -102,7 +103,7 @@ _SINGLE_THREAD_MAX_CLASSES = 512
 # _solve takes its fast path only this far inside the core's conditioning threshold.
 _CORE_MARGIN = 10.0
 # |alpha - 1| below this makes the elaborated system (nearly) singular: warn.
-_ALPHA_NEAR_ONE = 0.1
+_ALPHA_NEAR_ONE = ALPHA_NEAR_ONE
 # Two means closer than this are a tie (scores are fractions in [0, 1]).
 _TIE = 1e-12
 

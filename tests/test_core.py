@@ -227,7 +227,8 @@ def test_alpha_one_singular_system_gives_the_minimum_norm_solution(n_classes):
     # the minimum-norm one, as a pseudo-inverse of the stacked rows gives.
     probs, labels = make_outputs(300, n_classes, seed=n_classes)
     params = FitParams(alpha=1.0)
-    result = fit_elaborated(probs, labels, params)
+    with pytest.warns(UserWarning, match="alpha=1 is close to 1"):
+        result = fit_elaborated(probs, labels, params)
     np.testing.assert_allclose(result.H, stacked_elaborated(probs, labels, params), atol=1e-8)
 
 
