@@ -257,7 +257,11 @@ def sweep_command(
                     {**grid, "center": center_params.as_dict()} if mode is Mode.curves else None
                 ),
                 "sweep": result.to_dict(),
-                "test": test_report,
+                "test": (
+                    None
+                    if test_report is None
+                    else {k: v for k, v in test_report.items() if k != "comparison"}
+                ),
                 "output": None if written is None else str(written),
                 "plot": None if plotted is None else str(plotted),
                 "seconds": round(time.perf_counter() - started, 3),
@@ -306,20 +310,16 @@ def _evaluate_test(refit, test_out) -> dict:
     """The chosen H on TEST: raw vs corrected (after the choice; no influence on it)."""
     from cnnbal.core import apply_correction
     from cnnbal.metrics import compare
+    from cnnbal.report import comparison_payload
 
     corrected = apply_correction(refit.H, test_out.probs, gate=refit.apply_gate)
     comparison = compare(
         test_out.probs, corrected, test_out.labels, val_class_accuracy=refit.class_accuracy
     )
-    return {
-        "path": str(test_out.path),
-        "n_samples": comparison.n_samples,
-        "params": refit.params.as_dict(),
-        "metrics": {
-            name: {"raw": raw, "corrected": new} for name, (raw, new) in comparison.metrics.items()
-        },
-        "changed": comparison.changed,
-    }
+    payload = comparison_payload(comparison, test_out.class_names)
+    payload.update({"path": str(test_out.path), "params": refit.params.as_dict()})
+    payload["comparison"] = comparison  # for the table; dropped from --json
+    return payload
 
 
 def _provenance(result, grid: dict, center) -> dict:
@@ -501,42 +501,14 @@ def _print_decision(console, result, output, written) -> None:
 
 
 def _print_test(console, report: dict, test: Path) -> None:
-    from rich import box
-    from rich.table import Table
+    """The same table as `cnnbal evaluate`, titled as a report that chose nothing."""
+    from cnnbal.report import comparison_table
 
-    table = Table(
-        title=(
-            f"{test.name} (n={report['n_samples']}): the chosen H on held-out data. "
-            "Not used for the choice."
-        ),
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
+    title = (
+        f"{test.name} (n={report['n_samples']:,}): the chosen H on held-out data. "
+        "Not used for the choice."
     )
-    table.add_column("metric")
-    table.add_column("raw %", justify="right")
-    table.add_column("corrected %", justify="right")
-    table.add_column("change (points)", justify="right")
-    names = {
-        "total_accuracy": "total",
-        "worst20_accuracy": "worst20 (recomputed after correction)",
-        "balanced_accuracy": "balanced (mean per-class recall)",
-        "worst_class_accuracy": "worst class",
-        "low20_val_accuracy": "low20_val (classes by VAL accuracy)",
-        "low20_accuracy": "low20 paper (classes by raw TEST; biased)",
-    }
-    for key, label in names.items():
-        raw = report["metrics"][key]["raw"]
-        new = report["metrics"][key]["corrected"]
-        change = "-" if raw != raw or new != new else f"{100 * (new - raw):+.2f}"
-        table.add_row(label, _pct(raw), _pct(new), change)
-    console.print(table)
-    changed = report["changed"]
-    console.print(
-        f"predictions changed: {changed['fixed']} wrong->right, {changed['broken']} "
-        f"right->wrong, {changed['other']} wrong->other wrong",
-        highlight=False,
-    )
+    console.print(comparison_table(report["comparison"], title=title))
 
 
 def _params(config) -> str:
