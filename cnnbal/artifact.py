@@ -186,6 +186,10 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     name = path.name
     if not path.is_file():
         raise CnnbalError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+        raise CnnbalError(f"{name}: not a cnnbal H artifact (not an .npz file)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):

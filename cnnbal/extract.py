@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cnnbal.errors import CnnbalError
+from cnnbal.io import CLASS_NAMES_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +61,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 )
-CLASS_NAMES_KEY = b"cnnbal.class_names"
 INSTALL_HINT = "pip install 'cnnbal[extract]'"
 MAX_ROWS_PER_GROUP = 65536
 # Rows are buffered up to about this many bytes of probs/logits before a row

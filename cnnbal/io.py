@@ -298,6 +298,8 @@ def read_outputs(
         scores, is_logits, labels, names = _read_npy(path, options)
     else:
         table = _read_table(path)
+        if table.num_rows == 0:  # before the columns: a header-only CSV has no types
+            raise CnnbalError(f"{path.name}: no samples (0 rows)")
         layout = _TableLayout.detect(table.schema, path, options)
         scores = layout.scores(table)
         is_logits = layout.logits

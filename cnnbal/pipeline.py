@@ -231,8 +231,10 @@ def apply_file(
                 writer.write(chunk, fixed, pred)
                 if progress is not None:
                     progress(n_rows)
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()  # release the temporary file; atomic_output removes it
+            raise
+        writer.close()
     return ApplyReport(n_rows, n_corrected, n_changed, out_path)
 
 
@@ -274,6 +276,8 @@ class _TableSink:
     def close(self):
         self.writer.close()
 
+    abort = close  # the partial file is closed, then removed with the temporary path
+
 
 class _NpySink:
     def __init__(self, tmp, source):
@@ -293,6 +297,9 @@ class _NpySink:
             self.out.flush()
             del self.out
 
+    def abort(self):
+        self.out = None  # unmap without flushing
+
 
 class _NpzSink:
     def __init__(self, tmp, class_names):
@@ -302,6 +309,9 @@ class _NpzSink:
 
     def write(self, chunk, fixed, pred):
         self.parts.append((fixed, pred, chunk.labels))
+
+    def abort(self):
+        self.parts = []  # nothing was written yet: the archive is made at close
 
     def close(self):
         if not self.parts:

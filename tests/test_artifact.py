@@ -96,13 +96,25 @@ def test_foreign_and_corrupt_files(tmp_path):
     with pytest.raises(CnnbalError, match="other.npz: not a cnnbal H artifact"):
         load_artifact(tmp_path / "other.npz")
     (tmp_path / "junk.npz").write_bytes(b"garbage")
-    with pytest.raises(CnnbalError, match="junk.npz: not a readable H artifact"):
+    with pytest.raises(CnnbalError, match="junk.npz: not a cnnbal H artifact"):
         load_artifact(tmp_path / "junk.npz")
     np.save(tmp_path / "plain.npy", np.ones(3))
     with pytest.raises(CnnbalError, match="plain.npy: not a cnnbal H artifact"):
         load_artifact(tmp_path / "plain.npy")
     with pytest.raises(CnnbalError, match="no such file"):
         load_artifact(tmp_path / "missing.npz")
+    # a parquet (or any non-zip) file passed as H: says what it is not, no numpy jargon
+    (tmp_path / "val.parquet").write_bytes(b"PAR1" + bytes(64))
+    with pytest.raises(CnnbalError, match=r"^val\.parquet: not a cnnbal H artifact \(not an \.npz"):
+        load_artifact(tmp_path / "val.parquet")
+
+
+def test_truncated_artifact(tmp_path, artifact):
+    path = save_artifact(tmp_path / "H.npz", artifact)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a zip cut short: a copy interrupted
+    with pytest.raises(CnnbalError, match="H.npz: not a readable H artifact"):
+        load_artifact(path)
 
 
 def test_save_is_atomic(tmp_path, artifact, monkeypatch):

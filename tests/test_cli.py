@@ -258,6 +258,25 @@ def test_apply_failure_midway_leaves_no_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["H.npz", "big.npy", "out.npy", "val.npz"]
 
 
+def test_apply_npz_failure_midway_writes_nothing(tmp_path, monkeypatch):
+    probs, labels = make_outputs(200, 3, seed=4)
+    np.savez(tmp_path / "val.npz", probs=probs, labels=labels)
+    run("fit", tmp_path / "val.npz", "-o", tmp_path / "H.npz")
+    np.savez(tmp_path / "t.npz", probs=probs, labels=labels)
+    saved = []
+    monkeypatch.setattr(np, "savez", lambda *a, **k: saved.append(a))
+    import cnnbal.pipeline
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(cnnbal.pipeline, "argmax_rows", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cnnbal.pipeline.apply_file(tmp_path / "H.npz", tmp_path / "t.npz", tmp_path / "o.npz")
+    assert saved == []  # the sink did not assemble an archive for a failed run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["H.npz", "t.npz", "val.npz"]
+
+
 def test_apply_refuses_to_overwrite_input_and_wrong_family(files):
     tmp, val, test, *_ = files
     run("fit", val, "-o", tmp / "H.npz")
@@ -370,3 +389,28 @@ def test_npz_and_parquet_sample_files_agree():
     a = json.loads(run("evaluate", SAMPLE / "test.npz", "--json").stdout)["metrics"]
     b = json.loads(run("evaluate", SAMPLE / "test.parquet", "--json").stdout)["metrics"]
     assert a == b
+
+
+def test_os_error_is_one_line_exit_2(files):
+    tmp, val, test, *_ = files
+    run("fit", val, "-o", tmp / "H.npz")
+    (tmp / "taken.parquet").mkdir()  # the output path is a directory: rename fails
+    result = run("apply", tmp / "H.npz", test, "-o", tmp / "taken.parquet")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "directory" in lines[0]
+    assert not [p for p in tmp.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_exits_130_without_traceback(files, monkeypatch):
+    tmp, val, *_ = files
+    import cnnbal.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnnbal.pipeline, "fit_outputs", interrupted)
+    result = run("fit", val, "-o", tmp / "H.npz")
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "interrupted"
+    assert not (tmp / "H.npz").exists()

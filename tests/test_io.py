@@ -288,3 +288,10 @@ def test_schema_metadata_must_be_a_json_list(tmp_path, outputs):
     pq.write_table(table, path)
     with pytest.raises(CnnbalError, match="not a list of strings"):
         read_outputs(path)
+
+
+def test_header_only_csv_has_no_samples(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("label,p_0,p_1\n")
+    with pytest.raises(CnnbalError, match=r"^empty\.csv: no samples \(0 rows\)$"):
+        read_outputs(path)
