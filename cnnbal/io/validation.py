@@ -1,0 +1,157 @@
+"""Validation of score arrays, labels and class lists: one error per kind of bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cnnbal.errors import CnnbalError
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+from cnnbal.io.options import ROW_SUM_TOLERANCE
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for any finite logits (the row max is subtracted)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def validate_probs(
+    values: np.ndarray, source: str | os.PathLike, *, logits: bool = False, row_offset: int = 0
+) -> np.ndarray:
+    """Check a score array and return probabilities (a new array or ``values`` itself).
+
+    Parameters
+    ----------
+    values : array-like of shape (n_samples, n_classes)
+    source : str or PathLike
+        Named in error messages.
+    logits : bool
+        ``values`` are logits: softmax them after the checks.
+    row_offset : int
+        Added to row numbers in messages (for chunks of a larger file).
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_classes), float32 (float32 input) or float64.
+
+    Raises
+    ------
+    CnnbalError
+        Wrong dimensions, empty, NaN/inf, negative values, rows not summing to 1.
+    """
+    name = Path(source).name
+    arr = np.asarray(values)
+    if arr.ndim != 2:
+        raise CnnbalError(
+            f"{name}: expected a 2-D array (n_samples, n_classes), got shape {arr.shape}"
+        )
+    if arr.shape[0] == 0:
+        raise CnnbalError(f"{name}: no samples (0 rows)")
+    if arr.shape[1] < 2:
+        raise CnnbalError(f"{name}: need at least 2 classes, got {arr.shape[1]} column(s)")
+    if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
+        raise CnnbalError(f"{name}: scores must be numbers, got dtype {arr.dtype}")
+    dtype = np.float32 if arr.dtype == np.float32 else np.float64
+    arr = np.asarray(arr, dtype=dtype)
+    # min and max propagate NaN and see inf: two reductions, no temporary array;
+    # the element-wise search runs only to name the offending value
+    lowest, highest = arr.min(), arr.max()
+    if not (np.isfinite(lowest) and np.isfinite(highest)):
+        row, col = np.argwhere(~np.isfinite(arr))[0]
+        raise CnnbalError(
+            f"{name}: non-finite value {arr[row, col]} at row {row + row_offset}, column {col}"
+        )
+    if logits:
+        arr = softmax(np.array(arr, dtype=dtype, copy=True))
+    else:
+        if lowest < 0:
+            row, col = np.argwhere(arr < 0)[0]
+            raise CnnbalError(
+                f"{name}: negative probability {arr[row, col]:.6g} at row {row + row_offset}, "
+                f"column {col} (if these are logits, pass --logits)"
+            )
+        # in the array's own precision: float32 rounding (~1e-6 for K = 10,000)
+        # is far inside the tolerance, and a float64 pass costs a cast
+        sums = arr.sum(axis=1)
+        bad = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise CnnbalError(
+                f"{name}: row {row + row_offset} sums to {sums[row]:.6g}, not 1 "
+                f"(tolerance {ROW_SUM_TOLERANCE:g}); {int(bad.sum())} such row(s) in this "
+                "block (if these are logits, pass --logits)"
+            )
+    tiny = np.finfo(dtype).tiny
+    # arr >= 0 here (checked above, or a softmax), so one comparison finds any
+    # subnormal candidates; the exact test runs only when there are some.
+    if logits:
+        lowest = arr.min()
+    if lowest >= tiny:  # the usual case: no zero or subnormal at all
+        return arr
+    small = arr < tiny
+    if small.any() and (subnormal := small & (arr != 0)).any():
+        if not arr.flags.writeable or arr is values:
+            arr = np.array(arr, copy=True)
+        arr[subnormal] = 0
+    return arr
+
+
+def validate_labels(
+    labels: np.ndarray,
+    n_samples: int,
+    n_classes: int,
+    source: str | os.PathLike,
+) -> np.ndarray:
+    """Check labels and return them as int64.
+
+    Raises
+    ------
+    CnnbalError
+        Not 1-D, wrong length, not integers, or out of ``[0, n_classes)``.
+    """
+    name = Path(source).name
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise CnnbalError(f"{name}: labels must be 1-D, got shape {arr.shape}")
+    if len(arr) != n_samples:
+        raise CnnbalError(f"{name}: {len(arr)} labels for {n_samples} rows of scores")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise CnnbalError(f"{name}: labels must be integers, found non-integer values")
+    elif arr.dtype.kind not in "iu":
+        raise CnnbalError(f"{name}: labels must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if len(arr) and (arr.min() < 0 or arr.max() >= n_classes):
+        bad = int(arr[(arr < 0) | (arr >= n_classes)][0])
+        raise CnnbalError(
+            f"{name}: label {bad} out of range for {n_classes} classes [0, {n_classes})"
+        )
+    return arr
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """One class name per line (blank lines at the end ignored)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise CnnbalError(f"{path.name}: cannot read class list: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CnnbalError(f"{path.name}: class list is not UTF-8 text") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = [line.strip() for line in lines]
+    if not names:
+        raise CnnbalError(f"{path.name}: class list is empty")
+    if len(set(names)) != len(names):
+        raise CnnbalError(f"{path.name}: class list has duplicate names")
+    return names
