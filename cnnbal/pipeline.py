@@ -15,7 +15,9 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from cnnbal.artifact import Artifact, load_artifact, save_artifact
 from cnnbal.core import DEFAULT_PARAMS, FitParams, apply_correction, argmax_rows, fit
 from cnnbal.errors import CnnbalError
 from cnnbal.io import (
+    Dataset,
     Outputs,
     ReadOptions,
     TableWriter,
@@ -33,11 +36,21 @@ from cnnbal.io import (
     probs_columns,
     read_outputs,
 )
+from cnnbal.io.datasets import write_h_sidecar
+from cnnbal.io.options import H_SHA256_KEY, H_SHA256_MEMBER
 from cnnbal.metrics import Comparison, compare
 
+if TYPE_CHECKING:  # pragma: no cover
+    from cnnbal.engine import Engine
+    from cnnbal.io import Shard
+
 __all__ = [
+    "ApplyPlan",
     "ApplyReport",
+    "DatasetApplyReport",
+    "apply_dataset",
     "apply_file",
+    "apply_shard",
     "check_compatible",
     "correct",
     "evaluate_file",
@@ -149,16 +162,23 @@ def evaluate_file(
 
 @dataclass(frozen=True)
 class ApplyReport:
-    """What :func:`apply_file` did."""
+    """What :func:`apply_file` (or one shard of :func:`apply_dataset`) did.
+
+    ``skipped`` is True for a shard whose output already held the same H's
+    correction (a re-run after a failure); its counts are then 0.
+    """
 
     n_rows: int
     n_corrected: int
     n_changed: int
     output: Path
+    skipped: bool = False
 
 
 _TABLE = (".parquet", ".pq", ".csv")
 _ARRAY = (".npz", ".npy")
+#: Name of the prediction column (tables) or member (``.npz``) that apply adds.
+PRED_COLUMN = "pred"
 
 
 def apply_file(
@@ -169,6 +189,8 @@ def apply_file(
     options: ReadOptions | None = None,
     raw_scores: bool = False,
     progress: Callable[[int], None] | None = None,
+    pred_column: str = PRED_COLUMN,
+    force: bool = False,
 ) -> ApplyReport:
     """Correct every row of ``in_path`` and write ``out_path``, streaming.
 
@@ -176,7 +198,9 @@ def apply_file(
     the corrected scores in the input's layout; ``.npz`` gets ``probs``,
     ``pred`` (and ``labels``/``class_names`` when the input has them);
     ``.npy`` gets the corrected matrix. The output is written atomically and
-    never over the input.
+    never over the input. The SHA-256 of ``h_path`` is recorded in the output
+    (parquet schema metadata ``cnnbal.h_sha256``, ``.npz`` member
+    ``cnnbal_h_sha256``, for ``.npy``/CSV a sidecar ``OUTPUT.cnnbal.json``).
 
     Parameters
     ----------
@@ -185,11 +209,57 @@ def apply_file(
         clipping at 0 and renormalising.
     progress : callable, optional
         Called with the number of rows done after each block.
+    pred_column : str
+        Name of the prediction column; an input column of that name is refused.
+    force : bool
+        Correct an input that already records an applied H (else refused).
     """
     h_path, in_path, out_path = Path(h_path), Path(in_path), Path(out_path)
     artifact = load_artifact(h_path)
+    plan = ApplyPlan(
+        artifact,
+        file_sha256(h_path),
+        h_path.name,
+        options or ReadOptions(),
+        raw_scores,
+        pred_column,
+        force,
+    )
+    _check_output_suffix(out_path, in_path.suffix.lower())
+    _refuse_corrected(plan, str(in_path), None, in_path.name)
+    source = iter_chunks(in_path, plan.options)
+    return _apply_source(plan, source, out_path, (in_path, h_path), progress)
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    """Everything one shard's apply needs; picklable, sent to worker processes.
+
+    Attributes
+    ----------
+    artifact : Artifact
+    h_sha256 : str
+        SHA-256 of the H file, recorded in every output.
+    h_name : str
+        The H file's name (messages).
+    options : ReadOptions
+    raw_scores : bool
+    pred_column : str
+    force : bool
+        Correct inputs that already record an applied H.
+    """
+
+    artifact: Artifact
+    h_sha256: str
+    h_name: str
+    options: ReadOptions
+    raw_scores: bool = False
+    pred_column: str = PRED_COLUMN
+    force: bool = False
+
+
+def _check_output_suffix(out_path: Path, in_suffix: str) -> None:
     out_suffix = out_path.suffix.lower()
-    in_suffix = in_path.suffix.lower()
     if out_suffix not in _TABLE + _ARRAY:
         raise CnnbalError(
             f"{out_path.name}: unsupported output type (use .parquet, .csv, .npz or .npy)"
@@ -201,24 +271,50 @@ def apply_file(
             f"{out_path.name}: write a {family_in} input to "
             f"{'.parquet or .csv' if family_in == 'table' else '.npz or .npy'}"
         )
-    source = iter_chunks(in_path, options)
+
+
+def _refuse_corrected(plan: ApplyPlan, location: str, filesystem, name: str) -> None:
+    """An input that records an applied H was corrected already: correcting twice harms."""
+    if plan.force:
+        return
+    from cnnbal.io.datasets import recorded_h_sha256
+
+    recorded = recorded_h_sha256(location, filesystem)
+    if recorded is not None:
+        raise CnnbalError(
+            f"{name}: already corrected by cnnbal apply (H sha256 {recorded[:12]}...); "
+            "pass --force to correct it again"
+        )
+
+
+def _apply_source(
+    plan: ApplyPlan,
+    source,
+    out_path: Path,
+    inputs: tuple,
+    progress: Callable[[int], None] | None = None,
+) -> ApplyReport:
+    """Stream ``source`` through the correction into ``out_path`` (atomic)."""
+    artifact = plan.artifact
+    in_label = Path(str(source.path))
     if source.n_classes is not None:
-        check_compatible(artifact, source.n_classes, source.class_names, in_path, h_path.name)
+        check_compatible(artifact, source.n_classes, source.class_names, in_label, plan.h_name)
     class_names = source.class_names or artifact.class_names
+    out_suffix = out_path.suffix.lower()
     n_rows = n_corrected = n_changed = 0
-    with atomic_output(out_path, in_path, h_path) as tmp:
-        writer = _make_writer(tmp, out_suffix, source, class_names)
+    with atomic_output(out_path, *inputs) as tmp:
+        writer = _make_writer(tmp, out_suffix, source, class_names, plan)
         try:
             for chunk in source.chunks:
                 check_compatible(
-                    artifact, chunk.probs.shape[1], source.class_names, in_path, h_path.name
+                    artifact, chunk.probs.shape[1], source.class_names, in_label, plan.h_name
                 )
                 row_max = chunk.probs.max(axis=1)
                 fixed = apply_correction(
                     artifact.H,
                     chunk.probs,
                     artifact.apply_gate,
-                    clip=not raw_scores,
+                    clip=not plan.raw_scores,
                     row_max=row_max,
                 )
                 pred = argmax_rows(fixed)
@@ -235,23 +331,165 @@ def apply_file(
             writer.abort()  # release the temporary file; atomic_output removes it
             raise
         writer.close()
+    if out_suffix in (".npy", ".csv"):
+        write_h_sidecar(out_path, plan.h_sha256, plan.h_name)
     return ApplyReport(n_rows, n_corrected, n_changed, out_path)
 
 
-def _make_writer(tmp: Path, suffix: str, source, class_names):
+# ------------------------------------------------------------------ apply on a dataset
+
+
+@dataclass(frozen=True)
+class DatasetApplyReport:
+    """What :func:`apply_dataset` did: one :class:`ApplyReport` per shard, in shard order."""
+
+    shards: tuple[ApplyReport, ...]
+    output_dir: Path
+
+    @property
+    def n_rows(self) -> int:
+        return sum(r.n_rows for r in self.shards)
+
+    @property
+    def n_corrected(self) -> int:
+        return sum(r.n_corrected for r in self.shards)
+
+    @property
+    def n_changed(self) -> int:
+        return sum(r.n_changed for r in self.shards)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(r.skipped for r in self.shards)
+
+
+def apply_dataset(
+    h_path: str | os.PathLike,
+    dataset: Dataset,
+    out_dir: str | os.PathLike,
+    *,
+    raw_scores: bool = False,
+    pred_column: str = PRED_COLUMN,
+    force: bool = False,
+    overwrite: bool = False,
+    engine: Engine | None = None,
+    on_shard: Callable[[int, ApplyReport], None] | None = None,
+) -> DatasetApplyReport:
+    """Correct every shard of ``dataset`` into ``out_dir``, mirroring the shard names.
+
+    Each shard ``REL`` (its path relative to the dataset root, hive partition
+    folders included) is written atomically to ``out_dir/REL`` in its own
+    format, recording the SHA-256 of ``h_path``. A shard whose output exists
+    and records the same H is skipped (a re-run after a failure finishes the
+    job); one that records another H, or none, is refused before any work
+    unless ``overwrite``.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        From :func:`cnnbal.io.open_dataset`.
+    out_dir : path
+        Created when missing. Local only.
+    engine : Engine, optional
+        Where the shards run (default: this process).
+    on_shard : callable, optional
+        ``on_shard(index, report)`` in this process as each shard finishes.
+
+    Returns
+    -------
+    DatasetApplyReport
+    """
+    from cnnbal.engine import LocalEngine
+
+    h_path, out_dir = Path(h_path), Path(out_dir)
+    if "://" in str(out_dir):
+        raise CnnbalError(f"{out_dir}: the output folder must be a local path")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CnnbalError(f"{out_dir}: exists and is not a directory")
+    artifact = load_artifact(h_path)
+    check_compatible(
+        artifact, dataset.n_classes, dataset.class_names, Path(dataset.label), h_path.name
+    )
+    plan = ApplyPlan(
+        artifact,
+        file_sha256(h_path),
+        h_path.name,
+        dataset.options,
+        raw_scores,
+        pred_column,
+        force,
+    )
+    # every check before any work: a refused shard must not leave half a folder behind
+    todo: list[int] = []
+    reports: list[ApplyReport | None] = [None] * len(dataset.shards)
+    for i, shard in enumerate(dataset.shards):
+        target = out_dir / shard.relpath
+        if shard.filesystem is None:
+            check_not_input(target, shard.location, h_path)
+        _refuse_corrected(plan, shard.location, shard.filesystem, shard.relpath)
+        if target.exists() and not overwrite:
+            from cnnbal.io.datasets import recorded_h_sha256
+
+            recorded = recorded_h_sha256(target)
+            if recorded == plan.h_sha256:
+                reports[i] = ApplyReport(0, 0, 0, target, skipped=True)
+                continue
+            why = "another H" if recorded else "no record of an H"
+            raise CnnbalError(f"{target}: exists with {why}; pass --overwrite to replace it")
+        todo.append(i)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, report in enumerate(reports):
+        if report is not None and on_shard is not None:
+            on_shard(i, report)
+    engine = engine or LocalEngine(1)
+    tasks = [(dataset.shards[i], str(out_dir / dataset.shards[i].relpath)) for i in todo]
+
+    def done(index: int, report: ApplyReport) -> None:
+        reports[todo[index]] = report
+        if on_shard is not None:
+            on_shard(todo[index], report)
+
+    engine.map(partial(apply_shard, plan), tasks, on_result=done)
+    return DatasetApplyReport(tuple(reports), out_dir)
+
+
+def apply_shard(plan: ApplyPlan, task: tuple[Shard, str]) -> ApplyReport:
+    """Correct one shard into its output path (the per-shard function engines run).
+
+    Parameters
+    ----------
+    plan : ApplyPlan
+    task : (Shard, str)
+        The shard and its output path (parent folders are created).
+    """
+    shard, out_path = task
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    source = shard.open(plan.options)
+    inputs = (shard.location,) if shard.filesystem is None else ()
+    return _apply_source(plan, source, out_path, inputs)
+
+
+def _make_writer(tmp: Path, suffix: str, source, class_names, plan: ApplyPlan):
     if suffix in _TABLE:
-        return _TableSink(tmp, suffix, source, class_names)
+        return _TableSink(tmp, suffix, source, class_names, plan)
     if suffix == ".npy":
         return _NpySink(tmp, source)
-    return _NpzSink(tmp, class_names)
+    return _NpzSink(tmp, class_names, plan)
 
 
 class _TableSink:
-    def __init__(self, tmp, suffix, source, class_names):
+    def __init__(self, tmp, suffix, source, class_names, plan):
         self.layout = source.layout
         self.csv = suffix == ".csv"
         self.source = source.path.name
-        self.writer = TableWriter(tmp, ".csv" if self.csv else ".parquet", class_names)
+        self.pred_column = plan.pred_column
+        self.writer = TableWriter(
+            tmp,
+            ".csv" if self.csv else ".parquet",
+            class_names,
+            metadata={H_SHA256_KEY: plan.h_sha256.encode()},
+        )
 
     def write(self, chunk, fixed, pred):
         import pyarrow as pa
@@ -269,7 +507,12 @@ class _TableSink:
         else:  # an array input written as a table: keep its labels
             if chunk.labels is not None:
                 columns["label"] = pa.array(chunk.labels)
-        columns["pred"] = pa.array(pred.astype(np.int64))
+        if self.pred_column in columns:
+            raise CnnbalError(
+                f"{self.source}: already has a column {self.pred_column!r}; name the "
+                "prediction column with --pred-column NAME"
+            )
+        columns[self.pred_column] = pa.array(pred.astype(np.int64))
         columns.update(probs_columns(fixed, self.layout, flat=self.csv))
         self.writer.write(pa.RecordBatch.from_pydict(columns))
 
@@ -302,9 +545,11 @@ class _NpySink:
 
 
 class _NpzSink:
-    def __init__(self, tmp, class_names):
+    def __init__(self, tmp, class_names, plan):
         self.tmp = tmp
         self.class_names = class_names
+        self.pred_member = plan.pred_column
+        self.h_sha256 = plan.h_sha256
         self.parts = []
 
     def write(self, chunk, fixed, pred):
@@ -318,11 +563,12 @@ class _NpzSink:
             return
         arrays = {
             "probs": np.concatenate([p[0] for p in self.parts]),
-            "pred": np.concatenate([p[1] for p in self.parts]).astype(np.int64),
+            self.pred_member: np.concatenate([p[1] for p in self.parts]).astype(np.int64),
         }
         if self.parts[0][2] is not None:
             arrays["labels"] = np.concatenate([p[2] for p in self.parts])
         if self.class_names is not None:
             arrays["class_names"] = np.array(self.class_names, dtype=str)
+        arrays[H_SHA256_MEMBER] = np.array(self.h_sha256)
         with open(self.tmp, "wb") as fh:
             np.savez(fh, **arrays)

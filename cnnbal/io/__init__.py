@@ -21,6 +21,7 @@ integer and in range; subnormal values are flushed to zero (they slow BLAS by
 2-4x, METHOD.md 6).
 """
 
+from cnnbal.io.datasets import Dataset, Shard, open_dataset
 from cnnbal.io.options import (
     CHUNK_ROWS,
     CLASS_NAMES_KEY,
@@ -46,13 +47,16 @@ __all__ = [
     "SUFFIXES",
     "Chunk",
     "ChunkSource",
+    "Dataset",
     "Outputs",
     "ReadOptions",
+    "Shard",
     "TableWriter",
     "atomic_output",
     "check_not_input",
     "file_sha256",
     "iter_chunks",
+    "open_dataset",
     "probs_columns",
     "read_class_names",
     "read_outputs",

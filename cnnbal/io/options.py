@@ -16,6 +16,11 @@ if TYPE_CHECKING:  # pragma: no cover
 ROW_SUM_TOLERANCE = 1e-3
 #: Parquet schema metadata key holding the class names as a JSON list.
 CLASS_NAMES_KEY = b"cnnbal.class_names"
+#: Where ``apply`` records the SHA-256 of the H it applied: parquet schema metadata key,
+#: ``.npz`` member, and the key of the JSON sidecar ``OUTPUT.cnnbal.json`` (``.npy``/CSV).
+H_SHA256_KEY = b"cnnbal.h_sha256"
+H_SHA256_MEMBER = "cnnbal_h_sha256"
+SIDECAR_SUFFIX = ".cnnbal.json"
 
 PROB_KEYS = ("probs", "predictions")
 LOGIT_KEYS = ("logits",)

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -105,11 +105,11 @@ def _check_readable(path: Path) -> None:
         )
 
 
-def _load_npz(path: Path):
+def _load_npz(path: Path, source=None):
     import zipfile
 
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path if source is None else source, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise CnnbalError(f"{path.name}: not a readable .npz file ({exc})") from None
 
@@ -125,8 +125,8 @@ def _npz_array(archive, key: str, path: Path) -> np.ndarray:
         raise CnnbalError(f"{path.name}: array {key!r} is unreadable ({exc})") from None
 
 
-def _read_npz(path: Path):
-    with _load_npz(path) as archive:
+def _read_npz(path: Path, source=None):
+    with _load_npz(path, source) as archive:
         keys = set(archive.files)
         is_logits = False
         score_key = next((k for k in PROB_KEYS if k in keys), None)
@@ -147,8 +147,10 @@ def _read_npz(path: Path):
     return scores, is_logits, labels, names
 
 
-def _load_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
+def _load_npy(path: Path, *, mmap: bool = False, source=None) -> np.ndarray:
     try:
+        if source is not None:  # a file object (a remote shard): read whole
+            return np.load(source, allow_pickle=False)
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as exc:
         msg = "holds Python objects; refusing to unpickle" if "pickle" in str(exc) else str(exc)
@@ -389,7 +391,12 @@ class ChunkSource:
 
 
 def iter_chunks(
-    path: str | os.PathLike, options: ReadOptions | None = None, chunk_rows: int = CHUNK_ROWS
+    path: str | os.PathLike,
+    options: ReadOptions | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    *,
+    require_labels: bool = False,
+    filesystem=None,
 ) -> ChunkSource:
     """Open an outputs file for streaming in blocks of ``chunk_rows`` rows.
 
@@ -397,16 +404,33 @@ def iter_chunks(
     through pyarrow's streaming reader, ``.npy`` through a memory map, so
     memory does not grow with the file (``.npz`` is read whole: it cannot be
     memory-mapped).
+
+    Parameters
+    ----------
+    require_labels : bool
+        Every chunk carries ``labels`` (int64, validated; table labels that are
+        class names are mapped through the class list), and a file without
+        labels is refused before any chunk is read. Without it table chunks
+        keep their labels only in ``passthrough``.
+    filesystem : pyarrow.fs.FileSystem, optional
+        Read ``path`` through this filesystem (a remote shard: ``s3://`` and
+        friends). ``.npz``/``.npy`` are then read whole.
     """
     options = options or ReadOptions()
-    path = Path(path)
-    _check_readable(path)
+    remote = filesystem is not None
+    path = PurePosixPath(path) if remote else Path(path)
+    if remote:
+        if path.suffix.lower() not in SUFFIXES:
+            _check_readable(Path(path))  # the same message for an unsupported type
+    else:
+        _check_readable(path)
     suffix = path.suffix.lower()
     if suffix in (".npz", ".npy"):
+        source = _remote_bytes(filesystem, path) if remote else None
         if suffix == ".npz":
-            scores, is_logits, labels, names = _read_npz(path)
+            scores, is_logits, labels, names = _read_npz(path, source)
         else:
-            scores = _load_npy(path, mmap=True)
+            scores = _load_npy(path, mmap=True, source=source)
             is_logits, labels, names = options.logits, None, None
             if options.labels_path is not None:
                 labels_path = Path(options.labels_path)
@@ -420,7 +444,10 @@ def iter_chunks(
                 f"got shape {scores.shape}"
             )
         if labels is not None:
+            labels = _labels_to_int(labels, names, path)
             labels = validate_labels(labels, scores.shape[0], scores.shape[1], path)
+        elif require_labels:
+            raise CnnbalError(f"{path.name}: no labels found ({_label_hint(suffix)})")
         logits = is_logits or options.logits
 
         def array_chunks() -> Iterator[Chunk]:
@@ -440,12 +467,14 @@ def iter_chunks(
             path, "array", scores.shape[0], scores.shape[1], names, None, array_chunks()
         )
 
-    schema, n_rows, batches = _open_table_stream(path, chunk_rows)
+    schema, n_rows, batches = _open_table_stream(path, chunk_rows, filesystem)
     layout = _TableLayout.detect(schema, path, options)
     names = _schema_class_names(schema, path)
     if options.classes_path is not None:
         names = read_class_names(options.classes_path)
     keep = [c for c in schema.names if c not in layout.passthrough_exclude]
+    if require_labels and layout.label_column is None:
+        raise CnnbalError(f"{path.name}: no labels found ({_label_hint(suffix)})")
 
     def table_chunks() -> Iterator[Chunk]:
         offset = 0
@@ -454,7 +483,11 @@ def iter_chunks(
                 continue
             scores = layout.scores(batch)
             probs = validate_probs(scores, path, logits=layout.logits, row_offset=offset)
-            yield Chunk(probs, batch.select(keep), None, offset)
+            labels = None
+            if require_labels:
+                labels = _labels_to_int(layout.raw_labels(batch), names, path)
+                labels = validate_labels(labels, probs.shape[0], probs.shape[1], path)
+            yield Chunk(probs, batch.select(keep), labels, offset)
             offset += batch.num_rows
         if offset == 0:
             raise CnnbalError(f"{path.name}: no samples (0 rows)")
@@ -463,12 +496,24 @@ def iter_chunks(
     return ChunkSource(path, "table", n_rows, n_classes, names, layout, table_chunks())
 
 
-def _open_table_stream(path: Path, chunk_rows: int):
+def _remote_bytes(filesystem, path: PurePosixPath):
+    """A whole remote file as a seekable in-memory file (``np.load`` needs to seek)."""
+    import io
+
+    try:
+        with filesystem.open_input_file(str(path)) as fh:
+            return io.BytesIO(fh.read())
+    except Exception as exc:  # pyarrow raises OSError subclasses and ArrowInvalid
+        raise CnnbalError(f"{path}: cannot read ({_first_line(exc)})") from None
+
+
+def _open_table_stream(path: Path, chunk_rows: int, filesystem=None):
     if path.suffix.lower() == ".csv":
         import pyarrow.csv as pacsv
 
         try:
-            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=16 << 20))
+            source = path if filesystem is None else filesystem.open_input_stream(str(path))
+            reader = pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=16 << 20))
         except Exception as exc:
             raise CnnbalError(
                 f"{path.name}: not a readable CSV file ({_first_line(exc)})"
@@ -484,7 +529,8 @@ def _open_table_stream(path: Path, chunk_rows: int):
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        source = path if filesystem is None else filesystem.open_input_file(str(path))
+        pf = pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
     except Exception as exc:
         raise CnnbalError(
             f"{path.name}: not a readable parquet file ({_first_line(exc)})"

@@ -78,18 +78,27 @@ class TableWriter:
     keep snappy.
     """
 
-    def __init__(self, tmp_path: Path, suffix: str, class_names: list[str] | None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        suffix: str,
+        class_names: list[str] | None,
+        metadata: dict[bytes, bytes] | None = None,
+    ):
         self.tmp_path = tmp_path
         self.csv = suffix == ".csv"
         self.class_names = class_names
+        self.metadata = metadata or {}  # extra parquet schema metadata (CSV has none)
         self._writer = None
 
     def write(self, batch) -> None:
         if self._writer is None:
             schema = batch.schema
-            if self.class_names is not None and not self.csv:
+            if (self.class_names is not None or self.metadata) and not self.csv:
                 meta = dict(schema.metadata or {})
-                meta[CLASS_NAMES_KEY] = json.dumps(self.class_names).encode()
+                if self.class_names is not None:
+                    meta[CLASS_NAMES_KEY] = json.dumps(self.class_names).encode()
+                meta.update(self.metadata)
                 schema = schema.with_metadata(meta)
             self._schema = schema
             if self.csv:
