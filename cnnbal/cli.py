@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 an ``evaluate`` check failed (``--max-total-drop``,
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -53,6 +54,56 @@ def _root(
     ] = False,
 ) -> None:
     """cnnbal: fit, apply and evaluate an output correction on saved model outputs."""
+
+
+# ---- where the shards run (fit / apply / evaluate)
+InputsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="A file, a folder of shards, a quoted glob ('shards/*.parquet') or several of "
+        "these; URIs (file://, s3://, gs://, hdfs://) too.",
+        show_default=False,
+    ),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="local (processes on this machine) or dask (a Dask cluster; pip install "
+        "'cnnbal[dask]').",
+    ),
+]
+JobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        help="Shards processed in parallel (default: the number of cores; 1 = this process). "
+        "With --engine dask: workers of the LocalCluster.",
+        min=1,
+    ),
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="--engine dask: address of a running scheduler (default: $DASK_SCHEDULER_ADDRESS, "
+        "else a LocalCluster for this run).",
+        metavar="ADDRESS",
+    ),
+]
+
+
+def _open_inputs(inputs: list[str], options, *, require_labels: bool):
+    from cnnbal.io import open_dataset
+
+    return open_dataset(inputs, options, require_labels=require_labels)
+
+
+def _engine(engine: str, jobs: int | None, scheduler: str | None):
+    from cnnbal.engine import make_engine
+
+    return make_engine(engine, jobs=jobs, scheduler=scheduler)
 
 
 def _pct(x: float) -> str:
@@ -147,10 +198,15 @@ def fit_command(
 @handle_errors
 def apply_command(
     h: Annotated[Path, typer.Argument(help="The H artifact from `cnnbal fit`.")],
-    input: Annotated[Path, typer.Argument(help="Outputs to correct (labels optional).")],
+    inputs: InputsArg,
     output: Annotated[
-        Path,
-        typer.Option("-o", "--output", help="Where to write (same family: table or array)."),
+        str,
+        typer.Option(
+            "-o",
+            "--output",
+            help="A file (one input file; same family: table or array), or a folder for a "
+            "dataset: each shard is written under the same relative name.",
+        ),
     ],
     raw_scores: Annotated[
         bool,
@@ -158,57 +214,166 @@ def apply_command(
             "--raw-scores", help="Keep the affine scores (may be < 0) instead of renormalising."
         ),
     ] = False,
+    pred_column: Annotated[
+        str,
+        typer.Option("--pred-column", help="Name of the prediction column added to the output."),
+    ] = "pred",
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Correct inputs that already record an applied H."),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Dataset: redo shards whose output exists (default: skip those written with "
+            "the same H, refuse the others).",
+        ),
+    ] = False,
+    engine: EngineOpt = "local",
+    jobs: JobsOpt = None,
+    scheduler: SchedulerOpt = None,
     logits: LogitsOpt = False,
     labels: LabelsOpt = None,
     prob_prefix: PrefixOpt = None,
     classes: ClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Correct outputs with H, streaming; writes OUTPUT atomically."""
-    from cnnbal.pipeline import apply_file
+    """Correct outputs with H, streaming; writes OUTPUT atomically (a folder for a dataset)."""
+    from cnnbal.errors import CnnbalError
+    from cnnbal.pipeline import apply_dataset, apply_file
 
     start = time.perf_counter()
     options = read_options(logits, labels, prob_prefix, classes)
+    if not pred_column:
+        raise CnnbalError("--pred-column must not be empty")
+    dataset = _open_inputs(inputs, options, require_labels=False)
+    single = (
+        len(inputs) == 1
+        and dataset.is_single_file
+        and not Path(dataset.shards[0].location).is_dir()
+        and not _names_folder(output)
+        and not _is_pattern_or_folder(inputs[0])
+    )
+    output = Path(output)
+    bar = None
     if show_progress() and not as_json:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        bar = _progress_bar(single)
+    if single:
+        shard = dataset.shards[0]
+        kwargs = dict(
+            options=options,
+            raw_scores=raw_scores,
+            pred_column=pred_column,
+            force=force,
+            filesystem=shard.filesystem,
+        )
+        if bar is not None and engine == "local":
+            with bar:
+                task = bar.add_task("apply", total=shard.n_rows, shards="")
+                report = apply_file(
+                    h,
+                    shard.location,
+                    output,
+                    progress=lambda n: bar.update(task, completed=n),
+                    **kwargs,
+                )
+        elif engine == "local":
+            report = apply_file(h, shard.location, output, **kwargs)
+        else:
+            with _engine(engine, jobs, scheduler) as runner:
+                report = apply_file(h, shard.location, output, engine=runner, **kwargs)
+        seconds = time.perf_counter() - start
+        payload = {
+            "input": inputs[0],
+            "output": str(report.output),
+            "rows": report.n_rows,
+            "corrected": report.n_corrected,
+            "changed_predictions": report.n_changed,
+            "seconds": seconds,
+        }
+        if as_json:
+            print_json(payload)
+            return
+        stderr_console().print(
+            f"apply: {report.n_rows:,} rows, {report.n_corrected:,} below the gate, "
+            f"{report.n_changed:,} predictions changed; wrote {report.output} "
+            f"in {seconds:.2f} s",
+            highlight=False,
+        )
+        return
+    n_shards = len(dataset.shards)
+    with _engine(engine, jobs, scheduler) as runner:
+        kwargs = dict(
+            raw_scores=raw_scores,
+            pred_column=pred_column,
+            force=force,
+            overwrite=overwrite,
+            engine=runner,
+        )
+        if bar is not None:
+            with bar:
+                task = bar.add_task("apply", total=dataset.n_rows, shards=f"0/{n_shards}")
+                done = {"shards": 0, "rows": 0}
 
-        with Progress(
-            TextColumn("apply"),
-            BarColumn(),
-            TextColumn("{task.completed:,} rows"),
-            TimeElapsedColumn(),
-            console=stderr_console(),
-            transient=True,
-        ) as bar:
-            task = bar.add_task("apply", total=None)
-            report = apply_file(
-                h,
-                input,
-                output,
-                options=options,
-                raw_scores=raw_scores,
-                progress=lambda n: bar.update(task, completed=n),
-            )
-    else:
-        report = apply_file(h, input, output, options=options, raw_scores=raw_scores)
+                def advance(index, shard_report):
+                    done["shards"] += 1
+                    rows = shard_report.n_rows or (dataset.shards[index].n_rows or 0)
+                    done["rows"] += rows
+                    bar.update(task, completed=done["rows"], shards=f"{done['shards']}/{n_shards}")
+
+                report = apply_dataset(h, dataset, output, on_shard=advance, **kwargs)
+        else:
+            report = apply_dataset(h, dataset, output, **kwargs)
     seconds = time.perf_counter() - start
     payload = {
-        "input": str(input),
-        "output": str(report.output),
+        "input": inputs if len(inputs) > 1 else inputs[0],
+        "output": str(report.output_dir),
+        "shards": n_shards,
+        "skipped": report.n_skipped,
         "rows": report.n_rows,
         "corrected": report.n_corrected,
         "changed_predictions": report.n_changed,
+        "engine": engine,
         "seconds": seconds,
     }
     if as_json:
         print_json(payload)
         return
+    skipped = f" ({report.n_skipped} already done, skipped)" if report.n_skipped else ""
     stderr_console().print(
-        f"apply: {report.n_rows:,} rows, {report.n_corrected:,} below the gate, "
-        f"{report.n_changed:,} predictions changed; wrote {report.output} "
-        f"in {seconds:.2f} s",
+        f"apply: {n_shards} shards{skipped}, {report.n_rows:,} rows, "
+        f"{report.n_corrected:,} below the gate, {report.n_changed:,} predictions changed; "
+        f"wrote {report.output_dir}/ in {seconds:.2f} s",
         highlight=False,
     )
+
+
+def _names_folder(output: str) -> bool:
+    """``-o out/``, or an existing folder not named like an output file."""
+    from cnnbal.io import SUFFIXES
+
+    if output.endswith(("/", os.sep)):
+        return True
+    return Path(output).is_dir() and Path(output).suffix.lower() not in SUFFIXES
+
+
+def _is_pattern_or_folder(text: str) -> bool:
+    import glob
+
+    body = text.split("://", 1)[-1]
+    return glob.has_magic(body) or text.endswith("/")
+
+
+def _progress_bar(single: bool):
+    """One bar over rows (and shards) on stderr; transient, so logs keep only the summary."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("apply"), BarColumn()]
+    if not single:
+        columns.append(TextColumn("{task.fields[shards]} shards"))
+    columns += [TextColumn("{task.completed:,} rows"), TimeElapsedColumn()]
+    return Progress(*columns, console=stderr_console(), transient=True)
 
 
 # ------------------------------------------------------------------ evaluate

@@ -433,7 +433,10 @@ def _probe_npz(shard: Shard, options: ReadOptions, require_labels: bool) -> _Sha
                 )
             with archive.open(members[key]) as fh:
                 version = np.lib.format.read_magic(fh)
-                shape, _, _ = np.lib.format._read_array_header(fh, version)
+                if version == (1, 0):
+                    shape, _, _ = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    shape, _, _ = np.lib.format.read_array_header_2_0(fh)
             has_labels = any(k in members for k in LABEL_KEYS)
             names = None
             if "class_names" in members:
