@@ -26,6 +26,9 @@ __all__ = [
     "argmax_rows",
     "class_accuracy",
     "competitive_mask",
+    "elaborated_class_weight_sq",
+    "finish_elaborated",
+    "finish_naive",
     "fit",
     "fit_elaborated",
     "fit_naive",
@@ -39,6 +42,9 @@ ALPHA_NEAR_ONE = 0.1
 #: Cholesky is trusted when its smallest pivot is at least this fraction of the
 #: largest (condition number below ~1e8); otherwise minimum-norm least squares.
 PIVOT_RATIO_MIN = 1e-4
+#: The few-rows route of the elaborated fit is used while sum_n |s_n p_n|^2 / alpha^2
+#: (its error amplification, bounded) stays below this.
+FEW_ROWS_MAX_GAIN = 1e4
 
 
 @dataclass(frozen=True)
@@ -276,7 +282,9 @@ def fit_elaborated(
     sample weight ``s_n = acc_{c_n} ** -beta`` applied to the rows (so the
     squared loss is weighted by ``s_n ** 2``, as in the reference code), plus
     one identity padding row per class, ``x = [alpha e_k, 1]``,
-    ``t = alpha e_k``. Solved through the (K+1) x (K+1) normal equations.
+    ``t = alpha e_k``. Solved through the (K+1) x (K+1) normal equations, or,
+    when there are fewer competitive rows than classes (large K), through the
+    same equations reduced to the competitive rows (:func:`_solve_few_rows`).
 
     Parameters
     ----------
@@ -299,25 +307,82 @@ def fit_elaborated(
     labels = np.asarray(labels, dtype=np.int64)
     # argmax is unchanged by renormalising a row, so accuracy reads the input as is
     accuracy, counts = class_accuracy(probs, labels, n_classes)
-    safe_accuracy, floored, empty = _floored_accuracy(accuracy, counts)
-    notes = _class_notes(floored, empty, counts)
+    p, competitive_labels = _competitive_rows(probs, labels, params.r_low, params.r_high)
+    class_weight_sq = elaborated_class_weight_sq(accuracy, counts, params.beta)
+    H = None
+    if 0 < len(competitive_labels) <= n_classes and abs(params.alpha - 1.0) >= ALPHA_NEAR_ONE:
+        H = _solve_few_rows(p, competitive_labels, class_weight_sq, params.alpha)
+    gram = rhs = None
+    if H is None and len(competitive_labels):
+        gram, rhs = _sample_system(
+            p, competitive_labels, class_weight_sq, n_classes, overwrite=True
+        )
+    return finish_elaborated(accuracy, counts, gram, rhs, len(competitive_labels), params, H=H)
 
+
+def elaborated_class_weight_sq(accuracy: np.ndarray, counts: np.ndarray, beta: float) -> np.ndarray:
+    """Squared class weights ``s_k^2 = max(acc_k, 0.5 / n_k) ** (-2 beta)`` (METHOD.md 2, step 3).
+
+    Parameters
+    ----------
+    accuracy, counts : ndarray of shape (n_classes,)
+        From :func:`class_accuracy` over ALL validation samples.
+    beta : float
+
+    Returns
+    -------
+    ndarray of shape (n_classes,), float64
+        1 for a class without samples (it has no rows, so the weight is unused).
+    """
+    safe_accuracy, _, _ = _floored_accuracy(accuracy, counts)
+    return safe_accuracy ** (-2.0 * beta)
+
+
+def finish_elaborated(
+    accuracy: np.ndarray,
+    counts: np.ndarray,
+    gram: np.ndarray | None,
+    rhs: np.ndarray | None,
+    n_competitive: int,
+    params: FitParams,
+    *,
+    H: np.ndarray | None = None,
+) -> FitResult:
+    """Solve the elaborated system from the sample rows' sums and wrap the result.
+
+    Parameters
+    ----------
+    accuracy, counts : ndarray of shape (n_classes,)
+        Per-class validation accuracy and counts (all samples).
+    gram : ndarray of shape (n_classes + 1, n_classes + 1) or None
+        ``sum s_n^2 pbar_n pbar_n^T`` over the competitive rows, without the
+        padding rows (added here, in place). None when ``H`` is given or the
+        competitive set is empty.
+    rhs : ndarray of shape (n_classes, n_classes + 1) or None
+        ``sum s_n^2 e_{c_n} pbar_n^T`` over the competitive rows.
+    n_competitive : int
+    params : FitParams
+    H : ndarray of shape (n_classes, n_classes + 1), optional
+        Already solved (the few-rows route of :func:`fit_elaborated`).
+
+    Returns
+    -------
+    FitResult
+    """
+    n_classes = len(counts)
+    _, floored, empty = _floored_accuracy(accuracy, counts)
+    notes = _class_notes(floored, empty, counts)
     if abs(params.alpha - 1.0) < ALPHA_NEAR_ONE:
         notes.append(
             f"alpha={params.alpha:g} is close to 1: every row, padding included, is then nearly "
             "orthogonal to [1, ..., 1, -alpha], the system is (nearly) singular and H unstable; "
             "use alpha >= 1.1"
         )
-    p, competitive_labels = _competitive_rows(probs, labels, params.r_low, params.r_high)
-    n_competitive = len(competitive_labels)
     if n_competitive == 0:
         notes.append("the competitive set is empty: H is the identity [I 0]")
         H = identity_h(n_classes)
-    else:
-        class_weight_sq = safe_accuracy ** (-2.0 * params.beta)
-        gram, rhs = _elaborated_system(
-            p, competitive_labels, class_weight_sq, params.alpha, n_classes, overwrite=True
-        )
+    elif H is None:
+        _add_padding(gram, rhs, params.alpha)
         H = solve_normal_equations(gram, rhs)
     _emit(notes)
     return FitResult(
@@ -327,8 +392,8 @@ def fit_elaborated(
         apply_gate=float(params.r_high),
         class_accuracy=accuracy,
         class_counts=counts,
-        n_samples=len(labels),
-        n_competitive=n_competitive,
+        n_samples=int(counts.sum()),
+        n_competitive=int(n_competitive),
         floored_classes=floored,
         empty_classes=empty,
         warnings=tuple(notes),
@@ -366,19 +431,42 @@ def _elaborated_system(
     """Normal equations ``gram = X^T X`` and ``rhs = T^T X`` of METHOD.md 2, step 4.
 
     Built without materialising the stacked rows: the sample rows contribute
-    ``sum s_n^2 pbar_n pbar_n^T`` and ``sum s_n^2 e_{c_n} pbar_n^T``, the
-    padding rows ``[[alpha^2 I, alpha 1], [alpha 1^T, K]]`` and
-    ``[alpha^2 I, alpha 1]``. With ``overwrite`` the rows ``p`` are scaled in
+    ``sum s_n^2 pbar_n pbar_n^T`` and ``sum s_n^2 e_{c_n} pbar_n^T``
+    (:func:`_sample_system`), the padding rows
+    ``[[alpha^2 I, alpha 1], [alpha 1^T, K]]`` and ``[alpha^2 I, alpha 1]``
+    (:func:`_add_padding`). With ``overwrite`` the rows ``p`` are scaled in
     place (saves a copy the size of the competitive set).
     """
-    w_sq = class_weight_sq[labels]  # s_n^2, one per competitive sample
+    gram, rhs = _sample_system(p, labels, class_weight_sq, n_classes, overwrite=overwrite)
+    _add_padding(gram, rhs, alpha)
+    return gram, rhs
+
+
+def _sample_system(
+    p: np.ndarray,
+    labels: np.ndarray,
+    class_weight_sq: np.ndarray | None,
+    n_classes: int,
+    *,
+    overwrite: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sample rows' share of the normal equations: plain sums, so chunks add up.
+
+    ``gram = sum_n s_n^2 pbar_n pbar_n^T`` of shape (K+1, K+1) and
+    ``rhs = sum_n s_n^2 e_{c_n} pbar_n^T`` of shape (K, K+1), with
+    ``s_n^2 = class_weight_sq[c_n]`` (all ones when ``class_weight_sq`` is None:
+    the naive fit's unweighted system).
+    """
+    if class_weight_sq is None:
+        class_weight_sq = np.ones(n_classes)
+    w_sq = class_weight_sq[labels]  # s_n^2, one per sample row
     gram = np.empty((n_classes + 1, n_classes + 1))
     col = p.T @ w_sq  # sum s_n^2 p_n
     gram[:n_classes, n_classes] = col
     gram[n_classes, :n_classes] = col
     gram[n_classes, n_classes] = w_sq.sum()
 
-    # rhs[c] = s_c^2 * sum over competitive samples of class c of pbar_n
+    # rhs[c] = s_c^2 * sum over the samples of class c of pbar_n
     class_sums = _sum_by_class(p, labels, n_classes)
     class_n = np.bincount(labels, minlength=n_classes)
     rhs = np.empty((n_classes, n_classes + 1))
@@ -388,8 +476,12 @@ def _elaborated_system(
     scaled = p if overwrite else p.copy()
     scaled *= np.sqrt(w_sq)[:, None]  # rows s_n p_n
     gram[:n_classes, :n_classes] = scaled.T @ scaled
+    return gram, rhs
 
-    # identity padding rows
+
+def _add_padding(gram: np.ndarray, rhs: np.ndarray, alpha: float) -> None:
+    """Add the K identity padding rows ``x = [alpha e_k, 1]``, ``t = alpha e_k`` in place."""
+    n_classes = rhs.shape[0]
     diag = np.arange(n_classes)
     gram[diag, diag] += alpha * alpha
     gram[:n_classes, n_classes] += alpha
@@ -397,7 +489,72 @@ def _elaborated_system(
     gram[n_classes, n_classes] += n_classes
     rhs[diag, diag] += alpha * alpha
     rhs[:, n_classes] += alpha
-    return gram, rhs
+
+
+def _solve_few_rows(
+    p: np.ndarray, labels: np.ndarray, class_weight_sq: np.ndarray, alpha: float
+) -> np.ndarray | None:
+    """The elaborated H when the competitive rows are fewer than the classes (large K).
+
+    Solves exactly the equations of :func:`_elaborated_system`, ``H gram = rhs``,
+    without forming or factorising the (K+1)-square gram: with ``Z`` the
+    weighted rows ``s_n p_n`` (n_competitive x K) and ``a = alpha^2``, the
+    top-left block ``G11 = a I + Z^T Z`` is inverted through the
+    n_competitive-square matrix ``M = a I + Z Z^T`` (Woodbury), and the last
+    row and column through the scalar Schur complement ``g_KK - g^T G11^-1 g``.
+    The cost is one (K x n) by (n x K) product and O(n^2 K), against
+    O(n K^2 + K^3) for the gram and its factorisation (K = 10,000, n = 3,000:
+    seconds instead of minutes).
+
+    Returns None when the Schur complement is tiny (alpha close to 1, a
+    nearly singular system): the caller then takes the gram route with its
+    checks and least-squares fallback.
+    """
+    n_rows, n_classes = p.shape
+    a = alpha * alpha
+    s = np.sqrt(class_weight_sq[labels])  # s_n
+    Z = p * s[:, None]  # rows s_n p_n
+    Q = Z @ Z.T  # (n, n)
+    # (a I + Z Z^T) and the cancellation in (b - Z^T y) / a lose about
+    # log10(|Z|^2 / a) digits; past 1e4 (heavy weights from floored
+    # accuracies, or a small alpha) the gram route is the accurate one.
+    if np.trace(Q) > FEW_ROWS_MAX_GAIN * a:
+        return None
+    M = Q.copy()
+    M[np.diag_indices(n_rows)] += a  # a I + PSD: positive definite, condition <= 1 + |Z|^2 / a
+
+    present, member_index = np.unique(labels, return_inverse=True)
+    # S = sum_n s_n^2 e_{c_n} p_n^T, nonzero only on the rows of classes present
+    S_rows = _sum_by_class(Z * s[:, None], member_index, len(present))  # (n_present, K)
+    weight_sums = np.bincount(member_index, weights=s * s)  # sum s_n^2 per present class
+    g = Z.T @ s + alpha  # gram[:K, K]
+    g_kk = float(s @ s) + n_classes  # gram[K, K]
+
+    # B = R1 Z^T with R1 = a I + S; S Z^T = Ew^T (Z Z^T), Ew[n, c_n] = s_n
+    B = a * Z.T  # (K, n)
+    B[present] += _sum_by_class(Q * s[:, None], member_index, len(present))
+    C = np.linalg.solve(M, B.T).T  # B M^-1, (K, n)
+    Zg = Z @ g
+    u = (g - Z.T @ np.linalg.solve(M, Zg)) / a  # G11^-1 g
+    schur = g_kk - float(g @ u)
+    if not schur > PIVOT_RATIO_MIN**2 * g_kk:
+        return None
+    R1u = a * u
+    R1u[present] += S_rows @ u
+    r2 = np.full(n_classes, alpha)
+    r2[present] += weight_sums
+    h_last = (r2 - R1u) / schur
+
+    H = np.empty((n_classes, n_classes + 1))
+    W = H[:, :n_classes]
+    np.matmul(C, Z, out=W)  # C Z = R1 Z^T M^-1 Z
+    np.negative(W, out=W)
+    W[present] += S_rows
+    W[np.diag_indices(n_classes)] += a
+    W /= a  # R1 G11^-1 = (R1 - R1 Z^T M^-1 Z) / a
+    W -= np.outer(h_last, u)
+    H[:, n_classes] = h_last
+    return H
 
 
 def _sum_by_class(rows: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -422,6 +579,11 @@ def fit_naive(probs: np.ndarray, labels: np.ndarray, *, n_classes: int | None = 
     (the system is singular: the appended 1 equals the row sum). Computed
     exactly as METHOD.md 6 describes: the minimum-norm fit ``W0`` without the
     constant column, then ``b = W0 1 / (K + 1)`` and ``W = W0 - b 1^T``.
+    ``W0`` comes from the K-square normal equations ``W0 (P^T P) = T^T P``
+    when there are at least as many samples as classes, else from the
+    n-square ``W0 = T^T (P P^T)^-1 P`` (the minimum-norm solution of an
+    under-determined system); a singular system falls back to least squares
+    on it, which keeps the minimum-norm solution.
 
     Parameters
     ----------
@@ -437,14 +599,63 @@ def fit_naive(probs: np.ndarray, labels: np.ndarray, *, n_classes: int | None = 
     labels = np.asarray(labels, dtype=np.int64)
     p = _as_float64_rows(probs)
     accuracy, counts = class_accuracy(p, labels, n_classes)
+    if len(labels) >= n_classes:
+        gram, rhs = _sample_system(p, labels, None, n_classes, overwrite=True)
+        return finish_naive(accuracy, counts, gram, rhs)
+    with _one_blas_thread(len(labels)):
+        outer = p @ p.T  # (n, n)
+        inv_p = _solve_min_norm(outer, p)  # (P P^T)^+ P
+    w0 = _sum_by_class(inv_p, labels, n_classes)  # T^T (P P^T)^+ P
+    return _naive_result(w0, accuracy, counts)
+
+
+def finish_naive(
+    accuracy: np.ndarray, counts: np.ndarray, gram: np.ndarray, rhs: np.ndarray
+) -> FitResult:
+    """Solve the naive system from its sums (see :func:`fit_naive`) and wrap the result.
+
+    Parameters
+    ----------
+    accuracy, counts : ndarray of shape (n_classes,)
+    gram : ndarray of shape (n_classes + 1, n_classes + 1)
+        ``sum pbar_n pbar_n^T`` over all samples (rows renormalised in float64);
+        only the top-left K x K block is used (METHOD.md 6).
+    rhs : ndarray of shape (n_classes, n_classes + 1)
+        ``sum e_{c_n} pbar_n^T``.
+    """
+    n_classes = len(counts)
+    with _one_blas_thread(n_classes):
+        w0 = _solve_min_norm(gram[:n_classes, :n_classes], rhs[:, :n_classes].T).T
+    return _naive_result(w0, accuracy, counts)
+
+
+def _solve_min_norm(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``gram^+ rhs`` for a symmetric positive semi-definite ``gram``.
+
+    Cholesky-checked solve when ``gram`` is well conditioned (the pivot test
+    of :func:`solve_normal_equations`), else least squares with singular values
+    below 1e-12 of the largest treated as zero: a gram formed in floating point
+    carries rounding of about 1e-16 of its largest eigenvalue on its null space,
+    which a smaller cut-off would invert.
+    """
+    try:
+        diag = np.abs(np.diag(np.linalg.cholesky(gram)))
+        if diag.min() > PIVOT_RATIO_MIN * diag.max():
+            return np.linalg.solve(gram, rhs)
+    except np.linalg.LinAlgError:
+        pass
+    solution, *_ = np.linalg.lstsq(gram, rhs, rcond=1e-12)
+    return solution
+
+
+def _naive_result(w0: np.ndarray, accuracy: np.ndarray, counts: np.ndarray) -> FitResult:
+    n_classes = len(counts)
     empty = _floored_accuracy(accuracy, counts)[2]
     notes = _class_notes((), empty, counts)
-    targets = np.zeros((len(labels), n_classes))
-    targets[np.arange(len(labels)), labels] = 1.0
-    w0_t, *_ = np.linalg.lstsq(p, targets, rcond=None)
-    w0 = w0_t.T
     b = w0.sum(axis=1) / (n_classes + 1)
-    H = np.hstack([w0 - b[:, None], b[:, None]])
+    H = np.empty((n_classes, n_classes + 1))
+    np.subtract(w0, b[:, None], out=H[:, :n_classes])
+    H[:, n_classes] = b
     _emit(notes)
     return FitResult(
         H=H,
@@ -453,8 +664,8 @@ def fit_naive(probs: np.ndarray, labels: np.ndarray, *, n_classes: int | None = 
         apply_gate=float("inf"),
         class_accuracy=accuracy,
         class_counts=counts,
-        n_samples=len(labels),
-        n_competitive=len(labels),
+        n_samples=int(counts.sum()),
+        n_competitive=int(counts.sum()),
         floored_classes=(),
         empty_classes=empty,
         warnings=tuple(notes),

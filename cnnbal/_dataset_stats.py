@@ -1,0 +1,328 @@
+"""Fit and evaluate over a dataset, streaming: the per-shard workers and their reductions.
+
+Re-exported by :mod:`cnnbal.pipeline` (``fit_dataset``, ``evaluate_dataset``
+and the ``shard_*`` workers); kept apart from the apply code. Every shard is
+read chunk by chunk into the mergeable statistics of :mod:`cnnbal.stats`, so
+memory depends on the chunk and on K, never on the number of rows. The
+workers are module-level functions of ``(shard, *, keywords)``: a
+``functools.partial`` of one can be shipped to worker processes or a Dask
+cluster by an :class:`cnnbal.engine.Engine`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Sequence
+from functools import partial, reduce
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cnnbal.artifact import Artifact
+from cnnbal.core import DEFAULT_PARAMS, METHODS, FitParams, apply_correction, fit
+from cnnbal.errors import CnnbalError
+from cnnbal.io import CHUNK_ROWS, ReadOptions, file_sha256
+from cnnbal.metrics import Comparison
+from cnnbal.stats import (
+    ClassCountStats,
+    EvalStats,
+    FitStats,
+    NormalEquationStats,
+    merge_stats,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cnnbal.engine import Engine
+    from cnnbal.io import Dataset, Shard
+
+#: Rows per chunk are capped so that one float64 copy of a chunk stays near this
+#: many bytes: K = 100 keeps 40k-row chunks, K = 2,000 reads 2k rows at a time
+#: (a fixed 65k-row chunk would be a 1 GB float64 copy there).
+CHUNK_BYTES = 32 << 20
+
+
+def stream_chunk_rows(n_classes: int, chunk_rows: int = CHUNK_ROWS) -> int:
+    """Rows per chunk for fit/evaluate: ``chunk_rows``, fewer for large K (:data:`CHUNK_BYTES`)."""
+    return int(max(256, min(chunk_rows, CHUNK_BYTES // (8 * max(n_classes, 1)))))
+
+
+def _as_dataset(dataset, options: ReadOptions | None) -> Dataset:
+    from cnnbal.io import Dataset, open_dataset
+
+    if isinstance(dataset, Dataset):
+        return dataset
+    if isinstance(dataset, (str, os.PathLike)):
+        dataset = [dataset]
+    return open_dataset(list(dataset), options, require_labels=True)
+
+
+def _chunks(shard: Shard, options: ReadOptions, n_classes: int, chunk_rows: int):
+    """``(probs, labels)`` blocks of a shard, row-major (the in-memory fit's layout)."""
+    source = shard.open(options, chunk_rows=chunk_rows, require_labels=True)
+    for chunk in source.chunks:
+        if chunk.probs.shape[1] != n_classes:
+            raise CnnbalError(
+                f"{shard.name}: {chunk.probs.shape[1]} classes, the dataset has {n_classes}"
+            )
+        # row-major like read_outputs: the corrected scores (a float32 GEMM) are then
+        # computed by the same kernel as in memory, so metrics agree to the bit
+        yield np.ascontiguousarray(chunk.probs), chunk.labels
+
+
+# ------------------------------------------------------------------ workers
+
+
+def shard_class_counts(
+    shard: Shard, *, options: ReadOptions, n_classes: int, chunk_rows: int = CHUNK_ROWS
+) -> ClassCountStats:
+    """The fit's first pass over one shard."""
+    total = ClassCountStats.empty(n_classes)
+    for probs, labels in _chunks(shard, options, n_classes, chunk_rows):
+        total = total.merge(ClassCountStats.from_chunk(probs, labels, n_classes))
+    return total
+
+
+def shard_fit_system(
+    shard: Shard,
+    *,
+    options: ReadOptions,
+    n_classes: int,
+    method: str,
+    params: FitParams,
+    class_weight_sq: np.ndarray | None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> NormalEquationStats:
+    """The fit's second pass over one shard (the weights come from the merged first pass)."""
+    total = NormalEquationStats.empty(n_classes, method)
+    for probs, labels in _chunks(shard, options, n_classes, chunk_rows):
+        part = NormalEquationStats.from_chunk(
+            probs,
+            labels,
+            method=method,
+            params=params,
+            class_weight_sq=class_weight_sq,
+            n_classes=n_classes,
+        )
+        total = total.merge(part)
+    return total
+
+
+def shard_naive_stats(
+    shard: Shard, *, options: ReadOptions, n_classes: int, chunk_rows: int = CHUNK_ROWS
+) -> FitStats:
+    """The naive fit's single pass over one shard (counts and the unweighted system)."""
+    counts = ClassCountStats.empty(n_classes)
+    system = NormalEquationStats.empty(n_classes, "naive")
+    for probs, labels in _chunks(shard, options, n_classes, chunk_rows):
+        counts = counts.merge(ClassCountStats.from_chunk(probs, labels, n_classes))
+        system = system.merge(
+            NormalEquationStats.from_chunk(probs, labels, method="naive", n_classes=n_classes)
+        )
+    return FitStats(counts, system)
+
+
+def shard_eval_stats(
+    shard: Shard,
+    *,
+    options: ReadOptions,
+    n_classes: int,
+    H: np.ndarray | None,
+    apply_gate: float,
+    chunk_rows: int = CHUNK_ROWS,
+) -> EvalStats:
+    """Evaluate one shard: raw and corrected (by ``H`` with its gate) sums."""
+    total = EvalStats.empty(n_classes)
+    for probs, labels in _chunks(shard, options, n_classes, chunk_rows):
+        corrected = probs if H is None else apply_correction(H, probs, apply_gate)
+        total = total.merge(EvalStats.from_chunk(probs, corrected, labels, n_classes))
+    return total
+
+
+def _run(engine: Engine | None, func, shards: Sequence[Shard], merge=merge_stats):
+    if engine is None:
+        return reduce(merge, (func(shard) for shard in shards))
+    return engine.map_reduce(func, list(shards), merge)
+
+
+# ------------------------------------------------------------------ fit
+
+
+def fit_dataset(
+    dataset,
+    *,
+    method: str = "elaborated",
+    params: FitParams = DEFAULT_PARAMS,
+    engine: Engine | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    options: ReadOptions | None = None,
+    provenance: dict | None = None,
+) -> tuple[Artifact, tuple[str, ...]]:
+    """Fit H on every shard of a dataset, streaming (docs/method.md 1-2).
+
+    The elaborated fit reads the data twice: per-class counts, then the
+    weighted normal equations (:mod:`cnnbal.stats`); the naive fit once.
+    Memory holds one chunk and the (K+1)-square system, whatever the number
+    of rows. A dataset with no more rows than classes (large K) is read whole
+    instead: its rows take less memory than the system, and the in-memory fit
+    has a faster route for it. H equals :func:`cnnbal.pipeline.fit_file`'s on
+    the concatenated rows (to rounding, ~1e-15).
+
+    Parameters
+    ----------
+    dataset : Dataset, path, or sequence of paths
+        Paths (files, folders, globs) are opened with
+        :func:`cnnbal.io.open_dataset` and ``options``.
+    method : {"elaborated", "naive"}
+    params : FitParams
+    engine : Engine, optional
+        Where the per-shard passes run (None: this process, shard after shard).
+    chunk_rows : int
+        Upper bound on rows per chunk (fewer for large K: :func:`stream_chunk_rows`).
+    options : ReadOptions, optional
+        Only for paths; a Dataset carries its own.
+    provenance : dict, optional
+        Recorded in the artifact.
+
+    Returns
+    -------
+    artifact : Artifact
+        ``input_name`` is the dataset's label, ``input_sha256`` the file's
+        SHA-256 for one local file, else the SHA-256 of ``"relpath:sha256"``
+        lines of every shard.
+    warnings : tuple of str
+        The fit's notes (also in the CLI output).
+    """
+    from cnnbal.pipeline import check_params
+
+    if method not in METHODS:
+        raise CnnbalError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_params(params)
+    dataset = _as_dataset(dataset, options)
+    options = dataset.options
+    n_classes = dataset.n_classes
+    rows = stream_chunk_rows(n_classes, chunk_rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reported through result.warnings
+        n_rows = dataset.n_rows
+        if n_rows is not None and n_rows <= n_classes:
+            result = _fit_in_memory(dataset, method, params, rows)
+        elif method == "naive":
+            worker = partial(
+                shard_naive_stats, options=options, n_classes=n_classes, chunk_rows=rows
+            )
+            result = _run(engine, worker, dataset.shards).finish()
+        else:
+            counts = _run(
+                engine,
+                partial(shard_class_counts, options=options, n_classes=n_classes, chunk_rows=rows),
+                dataset.shards,
+            )
+            worker = partial(
+                shard_fit_system,
+                options=options,
+                n_classes=n_classes,
+                method=method,
+                params=params,
+                class_weight_sq=counts.class_weight_sq(params),
+                chunk_rows=rows,
+            )
+            system = _run(engine, worker, dataset.shards)
+            result = FitStats(counts, system).finish(params)
+    artifact = Artifact.from_fit(
+        result,
+        class_names=dataset.class_names,
+        input_sha256=dataset_sha256(dataset),
+        input_name=dataset.label,
+        provenance=provenance,
+    )
+    return artifact, result.warnings
+
+
+def _fit_in_memory(dataset: Dataset, method: str, params: FitParams, chunk_rows: int):
+    probs, labels = [], []
+    for shard in dataset.shards:
+        for p, y in _chunks(shard, dataset.options, dataset.n_classes, chunk_rows):
+            probs.append(p)
+            labels.append(y)
+    return fit(
+        np.concatenate(probs), np.concatenate(labels), method, params, n_classes=dataset.n_classes
+    )
+
+
+def dataset_sha256(dataset: Dataset) -> str:
+    """What an artifact records as its input's SHA-256 (see :func:`fit_dataset`)."""
+    shards = dataset.shards
+    if len(shards) == 1 and shards[0].filesystem is None:
+        return file_sha256(shards[0].location)
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(f"{shard.relpath}:{_shard_sha256(shard)}\n".encode())
+    return digest.hexdigest()
+
+
+def _shard_sha256(shard: Shard) -> str:
+    if shard.filesystem is None:
+        return file_sha256(shard.location)
+    digest = hashlib.sha256()
+    with shard.filesystem.open_input_stream(shard.location) as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+def evaluate_dataset(
+    dataset,
+    artifact: Artifact | None = None,
+    *,
+    engine: Engine | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    options: ReadOptions | None = None,
+    h_name: str = "H",
+) -> Comparison:
+    """Raw vs corrected metrics over every shard, streaming (raw vs raw without H).
+
+    Each shard yields an :class:`~cnnbal.stats.EvalStats` (confusion matrices,
+    exact squared-error sums, changed counts); their sum gives every metric,
+    equal to :func:`cnnbal.pipeline.evaluate_file` on the concatenated rows.
+
+    Parameters
+    ----------
+    dataset : Dataset, path, or sequence of paths
+    artifact : Artifact, optional
+        The H to evaluate; its class count (and names, when both are known)
+        must match the dataset's.
+    engine : Engine, optional
+    chunk_rows : int
+    options : ReadOptions, optional
+        Only for paths.
+    h_name : str
+        How messages name the artifact.
+
+    Returns
+    -------
+    Comparison
+    """
+    from cnnbal.pipeline import check_compatible
+
+    dataset = _as_dataset(dataset, options)
+    n_classes = dataset.n_classes
+    H, gate, val_accuracy = None, float("inf"), None
+    if artifact is not None:
+        named = SimpleNamespace(name=dataset.label)  # check_compatible names it by .name
+        check_compatible(artifact, n_classes, dataset.class_names, named, h_name)
+        H, gate, val_accuracy = artifact.H, artifact.apply_gate, artifact.val_class_accuracy
+    worker = partial(
+        shard_eval_stats,
+        options=dataset.options,
+        n_classes=n_classes,
+        H=H,
+        apply_gate=gate,
+        chunk_rows=stream_chunk_rows(n_classes, chunk_rows),
+    )
+    return _run(engine, worker, dataset.shards).finish(val_class_accuracy=val_accuracy)
