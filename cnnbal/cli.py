@@ -106,6 +106,18 @@ def _engine(engine: str, jobs: int | None, scheduler: str | None):
     return make_engine(engine, jobs=jobs, scheduler=scheduler)
 
 
+def _local_files(dataset) -> list[str]:
+    """The shards on this machine (outputs must never replace one of them)."""
+    return [s.location for s in dataset.shards if s.filesystem is None]
+
+
+def _input_title(dataset) -> str:
+    """A file's name, or the dataset's label with its shard count."""
+    if dataset.is_single_file:
+        return Path(dataset.shards[0].location).name
+    return dataset.label
+
+
 def _pct(x: float) -> str:
     return "-" if x != x else f"{100 * x:.2f}%"
 
@@ -122,7 +134,14 @@ def _pts(delta: float) -> str:
 @app.command("fit")
 @handle_errors
 def fit_command(
-    val: Annotated[Path, typer.Argument(help="Validation outputs with labels.")],
+    val: Annotated[
+        list[str],
+        typer.Argument(
+            help="Validation outputs with labels: a file, a folder of shards, a quoted glob or "
+            "several of these (URIs too).",
+            show_default=False,
+        ),
+    ],
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the H artifact here (.npz).")
     ] = None,
@@ -142,28 +161,41 @@ def fit_command(
     labels: LabelsOpt = None,
     prob_prefix: PrefixOpt = None,
     classes: ClassesOpt = None,
+    engine: EngineOpt = "local",
+    jobs: JobsOpt = None,
+    scheduler: SchedulerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fit the correction H on validation outputs (METHOD.md 1-2)."""
+    """Fit the correction H on validation outputs (docs/method.md 1-2), streaming."""
     from cnnbal.artifact import save_artifact
     from cnnbal.core import METHODS, FitParams
     from cnnbal.errors import CnnbalError
-    from cnnbal.io import check_not_input, read_outputs
-    from cnnbal.pipeline import fit_outputs
+    from cnnbal.io import check_not_input
+    from cnnbal.pipeline import check_params, fit_dataset
 
     if method not in METHODS:
         raise CnnbalError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if output is not None:
-        check_not_input(output, val)
+    params = FitParams(r_low, r_high, beta, alpha)
+    check_params(params)
     start = time.perf_counter()
-    outputs = read_outputs(val, read_options(logits, labels, prob_prefix, classes))
-    artifact, notes = fit_outputs(outputs, method, FitParams(r_low, r_high, beta, alpha))
+    dataset = _open_inputs(
+        val, read_options(logits, labels, prob_prefix, classes), require_labels=True
+    )
+    if output is not None:
+        check_not_input(output, *_local_files(dataset))
+    with _engine(engine, jobs, scheduler) as runner:
+        artifact, notes = fit_dataset(dataset, method=method, params=params, engine=runner)
     if output is not None:
         save_artifact(output, artifact)
     seconds = time.perf_counter() - start
     summary = artifact.describe()
     summary.update(
-        {"input": str(val), "output": str(output) if output else None, "seconds": seconds}
+        {
+            "input": val[0] if len(val) == 1 else val,
+            "shards": len(dataset.shards),
+            "output": str(output) if output else None,
+            "seconds": seconds,
+        }
     )
     summary["warnings"] = list(notes)
     err = stderr_console()
@@ -176,7 +208,9 @@ def fit_command(
     acc_min, acc_max = summary["val_accuracy_min"], summary["val_accuracy_max"]
     share = artifact.n_competitive / max(artifact.n_val, 1)
     params = ", ".join(f"{k}={v:g}" for k, v in sorted(artifact.params.items())) or "none"
-    out.print(f"[bold]fit[/] {val.name}: {artifact.method} ({params})", highlight=False)
+    out.print(
+        f"[bold]fit[/] {_input_title(dataset)}: {artifact.method} ({params})", highlight=False
+    )
     out.print(
         f"  samples {artifact.n_val:,}, classes {artifact.n_classes}, "
         f"competitive {artifact.n_competitive:,} ({100 * share:.1f}%)",
@@ -382,7 +416,14 @@ def _progress_bar(single: bool):
 @app.command("evaluate")
 @handle_errors
 def evaluate_command(
-    test: Annotated[Path, typer.Argument(help="Labelled outputs to evaluate on.")],
+    test: Annotated[
+        list[str],
+        typer.Argument(
+            help="Labelled outputs to evaluate on: a file, a folder of shards, a quoted glob or "
+            "several of these (URIs too); one set of metrics over all rows.",
+            show_default=False,
+        ),
+    ],
     h: Annotated[
         Path | None, typer.Option("-H", "--h", help="The H artifact (omit: raw only).")
     ] = None,
@@ -409,22 +450,32 @@ def evaluate_command(
     labels: LabelsOpt = None,
     prob_prefix: PrefixOpt = None,
     classes: ClassesOpt = None,
+    engine: EngineOpt = "local",
+    jobs: JobsOpt = None,
+    scheduler: SchedulerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare raw and corrected metrics; CI checks with exit code 1."""
-    from cnnbal.pipeline import evaluate_file
+    """Compare raw and corrected metrics over all rows, streaming; CI checks with exit code 1."""
+    from cnnbal.artifact import load_artifact
+    from cnnbal.pipeline import evaluate_dataset
     from cnnbal.report import comparison_payload, comparison_table, per_class_table
 
-    outputs, artifact, comparison = evaluate_file(
-        test, h, options=read_options(logits, labels, prob_prefix, classes)
+    artifact = load_artifact(h) if h is not None else None
+    dataset = _open_inputs(
+        test, read_options(logits, labels, prob_prefix, classes), require_labels=True
     )
-    names = outputs.class_names or (artifact.class_names if artifact else None)
+    with _engine(engine, jobs, scheduler) as runner:
+        comparison = evaluate_dataset(
+            dataset, artifact, engine=runner, h_name=h.name if h is not None else "H"
+        )
+    names = dataset.class_names or (artifact.class_names if artifact else None)
     checks = _ci_checks(comparison, max_total_drop, min_low20_gain)
     if as_json:
         payload = comparison_payload(comparison, names)
         payload.update(
             {
-                "input": str(test),
+                "input": test[0] if len(test) == 1 else test,
+                "shards": len(dataset.shards),
                 "h": str(h) if h else None,
                 "checks": checks,
                 "passed": all(c["passed"] for c in checks),
@@ -433,7 +484,10 @@ def evaluate_command(
         print_json(payload)
     else:
         out = stdout_console()
-        title = f"{test.name}: {comparison.n_samples:,} samples, {outputs.n_classes} classes"
+        title = (
+            f"{_input_title(dataset)}: {comparison.n_samples:,} samples, "
+            f"{dataset.n_classes} classes"
+        )
         if h is None:
             title += " (no H: raw only)"
         out.print(comparison_table(comparison, title=title))

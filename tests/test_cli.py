@@ -409,7 +409,7 @@ def test_ctrl_c_exits_130_without_traceback(files, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cnnbal.pipeline, "fit_outputs", interrupted)
+    monkeypatch.setattr(cnnbal.pipeline, "fit_dataset", interrupted)  # what `fit` calls
     result = run("fit", val, "-o", tmp / "H.npz")
     assert result.exit_code == 130
     assert result.stderr.strip() == "interrupted"

@@ -184,7 +184,12 @@ def open_dataset(
         info = _probe(shards[i], options, require_labels)
         _check_agrees(info, first)
         shards[i] = info.shard
-    label = str(items[0]) if len(shards) == 1 else _dataset_label(items, len(shards))
+    plain_file = (
+        len(items) == 1
+        and len(shards) == 1
+        and shards[0].relpath == Path(str(items[0]).rstrip("/")).name
+    )
+    label = shards[0].relpath if plain_file else _dataset_label(items, len(shards))
     return Dataset(tuple(shards), first.n_classes, first.class_names, first.kind, options, label)
 
 
@@ -375,7 +380,7 @@ def _check_unique(shards: list[Shard]) -> None:
 
 def _dataset_label(items: list, n_shards: int) -> str:
     named = str(items[0]) if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)"
-    return f"{named} ({n_shards} shards)"
+    return f"{named} ({n_shards} shard{'s' if n_shards != 1 else ''})"
 
 
 # ------------------------------------------------------------------ agreement
