@@ -362,12 +362,6 @@ def _check_unique(shards: list[Shard]) -> None:
     by_rel: dict[str, Shard] = {}
     by_file: dict[tuple, Shard] = {}
     for shard in shards:
-        if shard.relpath in by_rel:
-            raise CnnbalError(
-                f"{shard.location}: same relative name {shard.relpath!r} as "
-                f"{by_rel[shard.relpath].location} (outputs would collide)"
-            )
-        by_rel[shard.relpath] = shard
         if shard.filesystem is None:
             st = os.stat(shard.location)
             key = (st.st_dev, st.st_ino)
@@ -376,6 +370,12 @@ def _check_unique(shards: list[Shard]) -> None:
                     f"{shard.location}: the same file as {by_file[key].location} (given twice)"
                 )
             by_file[key] = shard
+        if shard.relpath in by_rel:
+            raise CnnbalError(
+                f"{shard.location}: same relative name {shard.relpath!r} as "
+                f"{by_rel[shard.relpath].location} (outputs would collide)"
+            )
+        by_rel[shard.relpath] = shard
 
 
 def _dataset_label(items: list, n_shards: int) -> str:
@@ -474,7 +474,7 @@ def _check_agrees(info: _ShardInfo, first: _ShardInfo) -> None:
     name, ref = info.shard.relpath, first.shard.relpath
     if info.kind != first.kind:
         raise CnnbalError(
-            f"{name}: a {info.kind} file, but {ref} is a {first.kind} file "
+            f"{name}: {_a(info.kind)} file, but {ref} is {_a(first.kind)} file "
             "(every shard must have the same layout)"
         )
     if info.n_classes != first.n_classes:
@@ -499,6 +499,10 @@ def _check_agrees(info: _ShardInfo, first: _ShardInfo) -> None:
             f"{name}: class names differ from {ref} at class {diff} "
             f"({info.class_names[diff]!r} vs {first.class_names[diff]!r})"
         )
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _describe_layout(layout: tuple) -> str:
