@@ -30,6 +30,8 @@ from cnnbal.errors import CnnbalError
 __all__ = ["ENGINES", "DaskEngine", "Engine", "LocalEngine", "default_jobs", "make_engine"]
 
 ENGINES = ("local", "dask")
+#: How long to wait for a Dask scheduler to answer (a busy cluster answers in well under this).
+CONNECT_TIMEOUT = "10s"
 
 
 def default_jobs() -> int:
@@ -215,12 +217,12 @@ class DaskEngine(Engine):
                 n_workers=n_workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",
             )
             self.client = Client(self._cluster)
         else:
             try:
-                self.client = Client(scheduler, timeout="30s")
+                self.client = Client(scheduler, timeout=CONNECT_TIMEOUT)
             except (OSError, TimeoutError) as exc:
                 raise CnnbalError(
                     f"{scheduler}: cannot connect to the Dask scheduler ({exc})"
