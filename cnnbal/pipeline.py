@@ -21,6 +21,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnbal._dataset_stats import (
+    dataset_sha256,
+    evaluate_dataset,
+    fit_dataset,
+    shard_class_counts,
+    shard_eval_stats,
+    shard_fit_system,
+    shard_naive_stats,
+)
 from cnnbal.artifact import Artifact, load_artifact, save_artifact
 from cnnbal.core import DEFAULT_PARAMS, FitParams, apply_correction, argmax_rows, fit
 from cnnbal.errors import CnnbalError
@@ -28,6 +37,7 @@ from cnnbal.io import (
     Dataset,
     Outputs,
     ReadOptions,
+    Shard,
     TableWriter,
     atomic_output,
     check_not_input,
@@ -42,7 +52,6 @@ from cnnbal.metrics import Comparison, compare
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnnbal.engine import Engine
-    from cnnbal.io import Shard
 
 __all__ = [
     "ApplyPlan",
@@ -53,9 +62,16 @@ __all__ = [
     "apply_shard",
     "check_compatible",
     "correct",
+    "dataset_sha256",
+    "evaluate_dataset",
     "evaluate_file",
+    "fit_dataset",
     "fit_file",
     "fit_outputs",
+    "shard_class_counts",
+    "shard_eval_stats",
+    "shard_fit_system",
+    "shard_naive_stats",
 ]
 
 
@@ -191,6 +207,8 @@ def apply_file(
     progress: Callable[[int], None] | None = None,
     pred_column: str = PRED_COLUMN,
     force: bool = False,
+    filesystem=None,
+    engine: Engine | None = None,
 ) -> ApplyReport:
     """Correct every row of ``in_path`` and write ``out_path``, streaming.
 
@@ -213,6 +231,11 @@ def apply_file(
         Name of the prediction column; an input column of that name is refused.
     force : bool
         Correct an input that already records an applied H (else refused).
+    filesystem : pyarrow.fs.FileSystem, optional
+        Read ``in_path`` through it (a remote input, see :class:`cnnbal.io.Shard`).
+    engine : Engine, optional
+        Run the correction there (e.g. a Dask worker) instead of in this
+        process; ``progress`` is then not called.
     """
     h_path, in_path, out_path = Path(h_path), Path(in_path), Path(out_path)
     artifact = load_artifact(h_path)
@@ -226,9 +249,14 @@ def apply_file(
         force,
     )
     _check_output_suffix(out_path, in_path.suffix.lower())
-    _refuse_corrected(plan, str(in_path), None, in_path.name)
-    source = iter_chunks(in_path, plan.options)
-    return _apply_source(plan, source, out_path, (in_path, h_path), progress)
+    _refuse_corrected(plan, str(in_path), filesystem, in_path.name)
+    inputs = (in_path, h_path) if filesystem is None else (h_path,)
+    if engine is not None:
+        check_not_input(out_path, *inputs)
+        shard = Shard(str(in_path), in_path.name, filesystem=filesystem)
+        return engine.map(partial(apply_shard, plan), [(shard, str(out_path))])[0]
+    source = iter_chunks(in_path, plan.options, filesystem=filesystem)
+    return _apply_source(plan, source, out_path, inputs, progress)
 
 
 @dataclass(frozen=True)
