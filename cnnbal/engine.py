@@ -177,10 +177,12 @@ class LocalEngine(Engine):
 def _limit_threads(threads: int) -> None:
     """Worker initializer: BLAS and OpenMP pools sized to this worker's share of cores."""
     try:
+        import pyarrow
         from threadpoolctl import threadpool_limits
 
         # kept referenced: the limit lasts as long as the object lives
         _limit_threads.limiter = threadpool_limits(limits=threads)
+        pyarrow.set_cpu_count(threads)  # parquet decoding threads
     except Exception:  # never let an optional speed setting stop the work
         pass
 
