@@ -333,3 +333,43 @@ def test_a_path_is_relative_posix_even_from_a_nested_glob(tmp_path):
     write_parquet(tmp_path / "a" / "b" / "x.parquet", probs, labels)
     (shard,) = open_dataset(str(tmp_path / "a" / "**" / "*.parquet")).shards
     assert shard.relpath == "b/x.parquet" and Path(shard.location).is_file()
+
+
+def test_a_remote_uri_is_listed_and_read_through_its_pyarrow_filesystem(tmp_path, monkeypatch):
+    """s3:// stands in for any remote filesystem: a SubTreeFileSystem is not a local one,
+    so listing, headers, streaming and the apply record all go through pyarrow's API."""
+    import pyarrow.fs as pafs
+
+    probs, labels = make_outputs(900, 6, seed=12)
+    bucket = tmp_path / "bucket"
+    (bucket / "run" / "day=1").mkdir(parents=True)
+    write_parquet(bucket / "run/day=1/a.parquet", probs[:300], labels[:300], class_names=NAMES)
+    np.savez(bucket / "run/day=1/b.npz", probs=probs[300:600], labels=labels[300:600])
+    remote = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
+
+    def from_uri(uri):
+        assert uri.startswith("s3://bucket")
+        return remote, uri[len("s3://bucket/") :]
+
+    monkeypatch.setattr("cnnbal.io.datasets._filesystem_from_uri", from_uri)
+    with pytest.raises(CnnbalError, match="day=1/b.npz: an array file, but day=1/a.parquet"):
+        open_dataset("s3://bucket/run/")
+    dataset = open_dataset("s3://bucket/run/**/*.parquet", require_labels=True)
+    (shard,) = dataset.shards
+    assert shard.relpath == "day=1/a.parquet" and shard.partition == (("day", "1"),)
+    assert shard.filesystem is remote and dataset.class_names == NAMES
+    (chunk,) = shard.open(require_labels=True).chunks
+    np.testing.assert_array_equal(chunk.labels, labels[:300])
+    (npz,) = open_dataset("s3://bucket/run/day=1/b.npz", require_labels=True).shards
+    (chunk,) = npz.open(require_labels=True).chunks
+    np.testing.assert_array_equal(chunk.probs, probs[300:600])
+
+    write_parquet(tmp_path / "val.parquet", probs[600:], labels[600:], class_names=NAMES)
+    assert run("fit", tmp_path / "val.parquet", "-o", tmp_path / "H.npz").exit_code == 0
+    result = run("apply", tmp_path / "H.npz", "s3://bucket/run/day=1/a.parquet", "-o",
+                 f"{tmp_path / 'out'}/", "--jobs", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "a.parquet").exists()
+    result = run("evaluate", "s3://bucket/run/**/*.parquet", "--json", "--jobs", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_samples"] == 300

@@ -287,7 +287,7 @@ def _expand_uri(uri: str) -> list[Shard]:
     magic = glob.has_magic(uri.split("://", 1)[1])
     base_uri = _glob_base(uri) if magic else uri
     try:
-        filesystem, base = pafs.FileSystem.from_uri(base_uri.rstrip("/") or base_uri)
+        filesystem, base = _filesystem_from_uri(base_uri.rstrip("/") or base_uri)
     except Exception as exc:  # ArrowInvalid, OSError: unknown scheme, missing credentials
         raise CnnbalError(f"{uri}: cannot open ({_first_line(exc)})") from None
     if isinstance(filesystem, pafs.LocalFileSystem):
@@ -320,6 +320,13 @@ def _expand_uri(uri: str) -> list[Shard]:
     if not shards:
         raise CnnbalError(f"{uri}: no .npz, .npy, .parquet or .csv file found")
     return sorted(shards, key=lambda s: s.relpath)
+
+
+def _filesystem_from_uri(uri: str):
+    """pyarrow's filesystem for a URI and the path inside it (tests stand a remote one in)."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
 
 
 def _glob_base(pattern: str) -> str:
