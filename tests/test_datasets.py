@@ -373,3 +373,21 @@ def test_a_remote_uri_is_listed_and_read_through_its_pyarrow_filesystem(tmp_path
     result = run("evaluate", "s3://bucket/run/**/*.parquet", "--json", "--jobs", "1")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n_samples"] == 300
+
+
+def test_a_glob_may_match_folders_of_shards(tmp_path):
+    """Spark writes a "table.parquet" folder of part files; a glob over such folders takes them."""
+    probs, labels = make_outputs(120, 6, seed=13)
+    for i, name in enumerate(("a.parquet", "b.parquet")):
+        (tmp_path / "run" / name).mkdir(parents=True)
+        for j in range(2):
+            rows = slice(60 * i + 30 * j, 60 * i + 30 * (j + 1))
+            write_parquet(tmp_path / "run" / name / f"part-{j}.parquet", probs[rows], labels[rows])
+    for pattern in ("run/*.parquet", "run/**/*.parquet"):
+        dataset = open_dataset(str(tmp_path / pattern))
+        assert [s.relpath for s in dataset.shards] == [
+            "a.parquet/part-0.parquet",
+            "a.parquet/part-1.parquet",
+            "b.parquet/part-0.parquet",
+            "b.parquet/part-1.parquet",
+        ], pattern

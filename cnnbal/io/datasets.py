@@ -210,13 +210,19 @@ def _expand_local(item: str) -> list[Shard]:
     if glob.has_magic(item) and not os.path.lexists(item):
         base = _glob_base(item)
         matches = sorted(glob.glob(item, recursive=True))
-        shards = []
+        shards, seen = [], set()
         for match in matches:
-            if Path(match).is_dir():
-                continue  # a glob names files; "dir/*" should not pull in subfolders twice
-            if Path(match).suffix.lower() in SUFFIXES and not _hidden(Path(match).name):
-                rel = os.path.relpath(match, base) if base else match
-                shards.append(_local_shard(Path(match), PurePosixPath(Path(rel).as_posix())))
+            rel = PurePosixPath(Path(os.path.relpath(match, base or ".")).as_posix())
+            if Path(match).is_dir():  # "run/*.parquet" matching Spark-style folders
+                found = [(rel / sub, path) for sub, path in _walk_local(Path(match))]
+            elif Path(match).suffix.lower() in SUFFIXES and not _hidden(Path(match).name):
+                found = [(rel, Path(match))]
+            else:
+                continue
+            for sub, path in found:
+                if str(path) not in seen:  # "**" also matches files inside matched folders
+                    seen.add(str(path))
+                    shards.append(_local_shard(path, sub))
         if not shards:
             raise CnnbalError(f"{item}: no .npz, .npy, .parquet or .csv file matches")
         return shards
