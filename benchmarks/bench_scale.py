@@ -13,8 +13,9 @@ apply. ``cnnbal apply H.npz shards/ -o out/`` on ``--shards`` parquet shards of
    ``--rows`` x ``--classes`` float32 (columns ``id, label, p_0..p_{K-1}``)
    with ``--jobs 1`` and ``--jobs 2`` (the installed CLI, subprocesses),
    against ONE Python process that reads and writes every shard with pyarrow
-   (``pq.read_table`` + ``pq.write_table``, the same column compression
-   cnnbal writes: floats uncompressed, the rest snappy). Targets: ``--jobs 1``
+   (``pq.read_table`` + ``pq.write_table``, with the column compression cnnbal
+   writes: floats uncompressed, the rest snappy; and once more with
+   ``pq.write_table``'s defaults, snappy and dictionary). Targets: ``--jobs 1``
    <= 1.3x the baseline, ``--jobs 2`` <= 0.7x ``--jobs 1``.
 dask. ``--engine dask`` (a LocalCluster of 2 single-threaded worker processes
    started and closed by the command, as a user without a cluster gets it;
@@ -64,14 +65,19 @@ CNNBAL = str(Path(PYTHON).with_name("cnnbal"))
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 #: One Python process reading and writing every shard with plain pyarrow: the floor
-#: of `cnnbal apply` on a dataset (same writer settings as cnnbal's TableWriter).
+#: of `cnnbal apply` on a dataset. argv[3] "cnnbal": the same writer settings as
+#: cnnbal's TableWriter (floats uncompressed, no dictionary: the strict floor);
+#: "defaults": `pq.write_table`'s defaults (snappy, dictionary), what a user writes.
 PLAIN_COPY_ALL = """
 import sys, pathlib, pyarrow as pa, pyarrow.parquet as pq
-src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+src, dst, codecs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
 for path in sorted(src.rglob("*.parquet")):
     table = pq.read_table(path)
     out = dst / path.relative_to(src)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if codecs == "defaults":
+        pq.write_table(table, out)
+        continue
     compression = {f.name: "none" if pa.types.is_floating(f.type) else "snappy"
                    for f in table.schema}
     pq.write_table(table, out, use_dictionary=False, compression=compression,
@@ -171,7 +177,8 @@ def bench_apply(tmp: Path, shards: Path, h_path: Path, repeats: int) -> None:
     print(f"## apply: {n_files} shards, `cnnbal apply` vs one pyarrow read + write process\n")
     out = tmp / "out"
     commands = {
-        "plain": [PYTHON, "-c", PLAIN_COPY_ALL, str(shards), str(out)],
+        "plain": [PYTHON, "-c", PLAIN_COPY_ALL, str(shards), str(out), "cnnbal"],
+        "plain_defaults": [PYTHON, "-c", PLAIN_COPY_ALL, str(shards), str(out), "defaults"],
         "jobs1": [CNNBAL, "apply", str(h_path), str(shards), "-o", str(out), "--jobs", "1"],
         "jobs2": [CNNBAL, "apply", str(h_path), str(shards), "-o", str(out), "--jobs", "2"],
     }
@@ -183,6 +190,14 @@ def bench_apply(tmp: Path, shards: Path, h_path: Path, repeats: int) -> None:
         print(f"| {name} | {statistics.median(values):.2f} | {runs} |")
     print("\n| ratio | median | range over repeats | target | |\n|---|---|---|---|---|")
     print(ratio_line("--jobs 1 / plain read+write", times["jobs1"], times["plain"], 1.3))
+    print(
+        ratio_line(
+            "--jobs 1 / plain, pyarrow's default codecs",
+            times["jobs1"],
+            times["plain_defaults"],
+            1.3,
+        )
+    )
     print(ratio_line("--jobs 2 / --jobs 1", times["jobs2"], times["jobs1"], 0.7))
     print()
 
@@ -213,7 +228,7 @@ def bench_dask(tmp: Path, shards: Path, h_path: Path, repeats: int) -> None:
                 cluster.scheduler_address,
             ],
         }
-        times = timed_runs(commands, repeats, [out_dask])
+        times = timed_runs(commands, repeats, [out_local, out_dask])
         equal = same_bytes(out_local, out_dask)
     finally:
         cluster.close()

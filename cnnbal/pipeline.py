@@ -330,10 +330,10 @@ def _apply_source(
     class_names = source.class_names or artifact.class_names
     out_suffix = out_path.suffix.lower()
     n_rows = n_corrected = n_changed = 0
-    with atomic_output(out_path, *inputs) as tmp:
+    with atomic_output(out_path, *inputs) as tmp, _Overlap() as overlap:
         writer = _make_writer(tmp, out_suffix, source, class_names, plan)
         try:
-            for chunk in source.chunks:
+            for chunk in overlap.read_ahead(source.chunks):
                 check_compatible(
                     artifact, chunk.probs.shape[1], source.class_names, in_label, plan.h_name
                 )
@@ -352,10 +352,12 @@ def _apply_source(
                 # (a gather, instead of a second argmax over the whole block)
                 raw_at_pred = chunk.probs[np.arange(len(pred)), pred]
                 n_changed += int(np.sum(raw_at_pred < row_max))
-                writer.write(chunk, fixed, pred)
+                overlap.write_behind(writer.write, chunk, fixed, pred)
                 if progress is not None:
                     progress(n_rows)
+            overlap.drain()
         except BaseException:
+            overlap.drain(raise_errors=False)
             writer.abort()  # release the temporary file; atomic_output removes it
             raise
         writer.close()
@@ -496,6 +498,56 @@ def apply_shard(plan: ApplyPlan, task: tuple[Shard, str]) -> ApplyReport:
     source = shard.open(plan.options)
     inputs = (shard.location,) if shard.filesystem is None else ()
     return _apply_source(plan, source, out_path, inputs)
+
+
+class _Overlap:
+    """Reads the next block and writes the last one while this one is corrected.
+
+    One reader and one writer thread (parquet decoding, encoding and file I/O
+    release the GIL), each at most one block ahead or behind: the file I/O of
+    a shard overlaps its arithmetic, memory stays bounded (three blocks), and
+    blocks are read, corrected and written in order, so the output bytes are
+    the same as a sequential loop.
+    """
+
+    _END = object()
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="cnnbal-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="cnnbal-write")
+        self._pending = None
+        return self
+
+    def __exit__(self, *exc):
+        self._reader.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True, cancel_futures=True)
+
+    def read_ahead(self, chunks):
+        iterator = iter(chunks)
+        future = self._reader.submit(next, iterator, self._END)
+        while True:
+            chunk = future.result()  # re-raises the reader's error here
+            if chunk is self._END:
+                return
+            future = self._reader.submit(next, iterator, self._END)
+            yield chunk
+
+    def write_behind(self, write, *args) -> None:
+        self.drain()  # one block in flight: order kept, memory bounded
+        self._pending = self._writer.submit(write, *args)
+
+    def drain(self, *, raise_errors: bool = True) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if raise_errors:
+            pending.result()
+        else:
+            from concurrent.futures import wait
+
+            wait([pending])
 
 
 def _make_writer(tmp: Path, suffix: str, source, class_names, plan: ApplyPlan):
