@@ -1,3 +1,4 @@
 from cnnbal.cli import main
 
-main()
+if __name__ == "__main__":  # worker processes are spawned: importing must not run the CLI
+    main()
