@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cnnbal.artifact import Artifact
-from cnnbal.core import DEFAULT_PARAMS, METHODS, FitParams, apply_correction, fit
+from cnnbal.core import DEFAULT_PARAMS, METHODS, FitParams, fit
 from cnnbal.errors import CnnbalError
 from cnnbal.io import CHUNK_ROWS, ReadOptions, file_sha256
 from cnnbal.metrics import Comparison
@@ -136,8 +136,7 @@ def shard_eval_stats(
     """Evaluate one shard: raw and corrected (by ``H`` with its gate) sums."""
     total = EvalStats.empty(n_classes)
     for probs, labels in _chunks(shard, options, n_classes, chunk_rows):
-        corrected = probs if H is None else apply_correction(H, probs, apply_gate)
-        total = total.merge(EvalStats.from_chunk(probs, corrected, labels, n_classes))
+        total = total.merge(EvalStats.from_outputs(probs, labels, H, apply_gate))
     return total
 
 

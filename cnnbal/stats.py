@@ -348,18 +348,40 @@ class EvalStats:
         n_classes = raw.shape[1] if n_classes is None else n_classes
         labels = _labels(labels)
         pred_raw = argmax_rows(raw)
-        confusion_raw = confusion_matrix(pred_raw, labels, n_classes)
-        squared_raw = exact_sum(squared_error_rows(raw, labels))
+        squared_raw = squared_error_rows(raw, labels)
         if corrected is raw:
-            return cls(confusion_raw, confusion_raw.copy(), squared_raw, squared_raw, 0, 0, 0)
-        pred_new = argmax_rows(corrected)
+            return cls._from_rows(labels, n_classes, pred_raw, squared_raw)
+        return cls._from_rows(
+            labels,
+            n_classes,
+            pred_raw,
+            squared_raw,
+            argmax_rows(corrected),
+            squared_error_rows(corrected, labels),
+        )
+
+    @classmethod
+    def _from_rows(
+        cls,
+        labels: np.ndarray,
+        n_classes: int,
+        pred_raw: np.ndarray,
+        squared_raw: np.ndarray,
+        pred_new: np.ndarray | None = None,
+        squared_new: np.ndarray | None = None,
+    ) -> EvalStats:
+        """The sums from per-row predictions and squared errors (None: raw only)."""
+        confusion_raw = confusion_matrix(pred_raw, labels, n_classes)
+        total_raw = exact_sum(squared_raw)
+        if pred_new is None:
+            return cls(confusion_raw, confusion_raw.copy(), total_raw, total_raw, 0, 0, 0)
         right_before = pred_raw == labels
         right_after = pred_new == labels
         return cls(
             confusion_raw,
             confusion_matrix(pred_new, labels, n_classes),
-            squared_raw,
-            exact_sum(squared_error_rows(corrected, labels)),
+            total_raw,
+            exact_sum(squared_new),
             int(np.count_nonzero(~right_before & right_after)),
             int(np.count_nonzero(right_before & ~right_after)),
             int(np.count_nonzero(~right_before & ~right_after & (pred_raw != pred_new))),
@@ -383,8 +405,24 @@ class EvalStats:
         apply_gate : float
             The artifact's gate (docs/method.md 3).
         """
-        corrected = probs if H is None else apply_correction(H, probs, apply_gate)
-        return cls.from_chunk(probs, corrected, labels)
+        if H is None:
+            return cls.from_chunk(probs, probs, labels)
+        labels = _labels(labels)
+        n_classes = probs.shape[1]
+        below = probs.max(axis=1) < apply_gate
+        if below.all():
+            return cls.from_chunk(probs, apply_correction(H, probs, apply_gate), labels)
+        # Rows at or above the gate come out of the correction unchanged: their
+        # prediction and squared error are the raw ones, so only the rows below
+        # it are corrected (each row's result does not depend on the others).
+        pred_raw = argmax_rows(probs)
+        squared_raw = squared_error_rows(probs, labels)
+        pred_new, squared_new = pred_raw.copy(), squared_raw.copy()
+        if below.any():
+            corrected = apply_correction(H, probs[below])
+            pred_new[below] = argmax_rows(corrected)
+            squared_new[below] = squared_error_rows(corrected, labels[below])
+        return cls._from_rows(labels, n_classes, pred_raw, squared_raw, pred_new, squared_new)
 
     def merge(self, other: EvalStats) -> EvalStats:
         """The sums of both blocks."""

@@ -326,3 +326,19 @@ def test_raw_only_eval_stats():
         raw, new = comparison.metrics[name]
         assert raw == new or (raw != raw and new != new)
     assert comparison.changed == {"fixed": 0, "broken": 0, "other": 0}
+
+
+def test_from_outputs_corrects_only_rows_below_the_gate_with_the_same_sums():
+    probs, labels = make_outputs(2_000, 15, seed=15, temperature=0.5)
+    fit = in_memory(probs, labels)
+    gated = probs.max(axis=1) >= fit.apply_gate
+    assert 0 < gated.sum() < len(labels)  # both kinds of rows present
+    expected = EvalStats.from_chunk(probs, apply_correction(fit.H, probs, fit.apply_gate), labels)
+    result = EvalStats.from_outputs(probs, labels, fit.H, fit.apply_gate)
+    np.testing.assert_array_equal(result.confusion_corrected, expected.confusion_corrected)
+    assert result.squared_error_corrected == expected.squared_error_corrected
+    assert (result.fixed, result.broken, result.other) == (
+        expected.fixed,
+        expected.broken,
+        expected.other,
+    )
