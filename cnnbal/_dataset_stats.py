@@ -59,8 +59,15 @@ def _as_dataset(dataset, options: ReadOptions | None) -> Dataset:
     return open_dataset(list(dataset), options, require_labels=True)
 
 
-def _chunks(shard: Shard, options: ReadOptions, n_classes: int, chunk_rows: int):
-    """``(probs, labels)`` blocks of a shard, row-major (the in-memory fit's layout)."""
+def _chunks(
+    shard: Shard, options: ReadOptions, n_classes: int, chunk_rows: int, *, row_major=False
+):
+    """``(probs, labels)`` blocks of a shard (tables give column-major blocks).
+
+    ``row_major`` copies column-major blocks to the layout of the in-memory
+    read (evaluate needs it for bit-identical metrics; the fit's sums agree to
+    rounding either way, so it skips the copy).
+    """
     source = shard.open(options, chunk_rows=chunk_rows, require_labels=True)
     for chunk in source.chunks:
         if chunk.probs.shape[1] != n_classes:
@@ -69,7 +76,7 @@ def _chunks(shard: Shard, options: ReadOptions, n_classes: int, chunk_rows: int)
             )
         # row-major like read_outputs: the corrected scores (a float32 GEMM) are then
         # computed by the same kernel as in memory, so metrics agree to the bit
-        yield np.ascontiguousarray(chunk.probs), chunk.labels
+        yield (np.ascontiguousarray(chunk.probs) if row_major else chunk.probs), chunk.labels
 
 
 # ------------------------------------------------------------------ workers
@@ -135,7 +142,7 @@ def shard_eval_stats(
 ) -> EvalStats:
     """Evaluate one shard: raw and corrected (by ``H`` with its gate) sums."""
     total = EvalStats.empty(n_classes)
-    for probs, labels in _chunks(shard, options, n_classes, chunk_rows):
+    for probs, labels in _chunks(shard, options, n_classes, chunk_rows, row_major=True):
         total = total.merge(EvalStats.from_outputs(probs, labels, H, apply_gate))
     return total
 
