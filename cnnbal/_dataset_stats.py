@@ -166,7 +166,7 @@ def fit_dataset(
     options: ReadOptions | None = None,
     provenance: dict | None = None,
 ) -> tuple[Artifact, tuple[str, ...]]:
-    """Fit H on every shard of a dataset, streaming (docs/method.md 1-2).
+    """Fit H on every shard of a dataset, streaming (docs/method.md sections 2-3).
 
     The elaborated fit reads the data twice: per-class counts, then the
     weighted normal equations (:mod:`cnnbal.stats`); the naive fit once.

@@ -619,7 +619,7 @@ def finish_naive(
     accuracy, counts : ndarray of shape (n_classes,)
     gram : ndarray of shape (n_classes + 1, n_classes + 1)
         ``sum pbar_n pbar_n^T`` over all samples (rows renormalised in float64);
-        only the top-left K x K block is used (METHOD.md 6).
+        only the top-left K x K block is used (docs/method.md section 7.3).
     rhs : ndarray of shape (n_classes, n_classes + 1)
         ``sum e_{c_n} pbar_n^T``.
     """

@@ -10,7 +10,7 @@ knows about engines: cnnbal's own pipeline streams shards through them
 its own record batches and reduce the results (README, "Mergeable statistics").
 
 The fit needs the per-class accuracies before the weighted system (the weight
-of a sample is ``acc_{c_n} ** -beta``, docs/method.md 2), so it takes two passes:
+of a sample is ``acc_{c_n} ** -beta``, docs/method.md section 3), so it takes two passes:
 
 1. :class:`ClassCountStats` per block, merged: samples and correct predictions
    per class; :meth:`ClassCountStats.class_weight_sq` gives the weights.
@@ -148,7 +148,7 @@ class ClassCountStats:
         """Squared class weights ``s_k^2`` for the second pass, shape (n_classes,).
 
         ``max(acc_k, 0.5 / n_k) ** (-2 beta)``: a class with zero accuracy is
-        floored at half a correct sample (docs/method.md 2, edge cases).
+        floored at half a correct sample (docs/method.md section 3, edge cases).
         """
         accuracy, counts = self.finish()
         return elaborated_class_weight_sq(accuracy, counts, params.beta)
@@ -403,7 +403,7 @@ class EvalStats:
         labels : ndarray of shape (n_rows,), int
         H : ndarray of shape (n_classes, n_classes + 1), optional
         apply_gate : float
-            The artifact's gate (docs/method.md 3).
+            The artifact's gate (docs/method.md section 4).
         """
         if H is None:
             return cls.from_chunk(probs, probs, labels)
