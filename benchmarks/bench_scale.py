@@ -27,7 +27,8 @@ evaluate. ``evaluate_dataset`` over the shards (reading included) against
    metrics compared for equality. Target <= 1.3x. The same for the fit
    (two streamed passes vs ``core.fit`` in memory), H compared.
 rss. Peak RSS (``getrusage`` of a child process) of ``cnnbal fit``,
-   ``evaluate`` and ``apply --jobs 1`` on the shards and on ``--rss-factor``
+   ``evaluate`` and ``apply``, all ``--jobs 1`` (one process: with workers,
+   getrusage reports the largest one), on the shards and on ``--rss-factor``
    times as many rows (copies of the same shards).
    Target: within 15%.
 npy. ``cnnbal fit`` / ``evaluate`` on one ``.npy`` of 100,000 x 2,000
@@ -404,8 +405,8 @@ def bench_rss(tmp: Path, shards: Path, h_path: Path, factor: int) -> None:
         "| command | small MiB | large MiB | large / small | target | |\n|---|---|---|---|---|---|"
     )
     for name, cmd in (
-        ("fit", [CNNBAL, "fit", "{data}"]),
-        ("evaluate", [CNNBAL, "evaluate", "{data}", "-H", str(h_path)]),
+        ("fit --jobs 1", [CNNBAL, "fit", "{data}", "--jobs", "1"]),
+        ("evaluate --jobs 1", [CNNBAL, "evaluate", "{data}", "-H", str(h_path), "--jobs", "1"]),
         ("apply --jobs 1", [CNNBAL, "apply", str(h_path), "{data}", "-o", str(out), "--jobs", "1"]),
     ):
         values = []
