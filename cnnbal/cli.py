@@ -36,6 +36,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help and usage errors (as click, sqlite-utils): typer's rich help
+    # imports rich.markdown, markdown_it and pygments, about as long as numpy
+    # itself, on every --help and every usage error (benchmarks/bench_startup.py).
+    rich_markup_mode=None,
 )
 
 
