@@ -70,9 +70,13 @@ def child_env(cache: Path) -> dict[str, str]:
     return env
 
 
-def run_once(cmd: list[str], env: dict[str, str]) -> float:
+#: ``cnnbal ARGS`` run from whichever checkout is first on PYTHONPATH.
+RUN_CLI = "import sys; from cnnbal.cli import main; sys.argv[0] = 'cnnbal'; main()"
+
+
+def run_once(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.decode()[-500:]}")
@@ -80,21 +84,31 @@ def run_once(cmd: list[str], env: dict[str, str]) -> float:
 
 
 def interleaved(
-    commands: dict[str, list[str]], repeats: int, env: dict[str, str]
+    commands: dict[str, list[str]], repeats: int, envs: dict[str, dict[str, str]], cwd: Path
 ) -> dict[str, list[float]]:
-    """Wall times of each command, one run of each per round (warm-up round dropped)."""
-    for cmd in commands.values():
-        run_once(cmd, env)
+    """Wall times of each command, one run of each per round (warm-up round dropped).
+
+    ``cwd`` is a directory without a ``cnnbal`` package: ``python -c`` puts the
+    current directory first on ``sys.path``, which would shadow ``--checkout``.
+    """
+    for name, cmd in commands.items():
+        run_once(cmd, envs[name], cwd)
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
         for name, cmd in commands.items():
-            times[name].append(run_once(cmd, env))
+            times[name].append(run_once(cmd, envs[name], cwd))
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--checkout",
+        type=Path,
+        help="Also time `cnnbal --help` and `cnnbal info` from this checkout of cnnbal (e.g. "
+        "a `git worktree` of an older commit), put first on PYTHONPATH.",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +134,14 @@ def main() -> None:
             "cnnbal info H.npz": [CNNBAL, "info", str(artifact)],
             "cnnbal info H.npz --json": [CNNBAL, "info", str(artifact), "--json"],
         }
-        times = interleaved(commands, args.repeats, env)
+        envs = {name: env for name in commands}
+        if args.checkout is not None:
+            other = {**env, "PYTHONPATH": str(args.checkout.resolve())}
+            for label, cli_args in (("--help", []), ("info H.npz", ["info", str(artifact)])):
+                name = f"[checkout] cnnbal {label}"
+                commands[name] = [PYTHON, "-c", RUN_CLI, *(cli_args or ["--help"])]
+                envs[name] = other
+        times = interleaved(commands, args.repeats, envs, cwd=tmp_path)
 
     base = statistics.median(times[baseline])
     print(f"start-up, {args.repeats} interleaved rounds, medians (python {sys.version.split()[0]})")
