@@ -97,7 +97,7 @@ def fit_command(
     classes: ClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fit the correction H on validation outputs (METHOD.md 1-2)."""
+    """Fit the correction H on validation outputs (docs/method.md sections 2-3)."""
     from cnnbal.artifact import save_artifact
     from cnnbal.core import METHODS, FitParams
     from cnnbal.errors import CnnbalError
