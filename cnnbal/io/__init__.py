@@ -30,7 +30,13 @@ from cnnbal.io.options import (
     ReadOptions,
 )
 from cnnbal.io.readers import Chunk, ChunkSource, iter_chunks, read_outputs
-from cnnbal.io.validation import read_class_names, softmax, validate_labels, validate_probs
+from cnnbal.io.validation import (
+    check_probs,
+    read_class_names,
+    softmax,
+    validate_labels,
+    validate_probs,
+)
 from cnnbal.io.writers import (
     TableWriter,
     atomic_output,
@@ -51,6 +57,7 @@ __all__ = [
     "TableWriter",
     "atomic_output",
     "check_not_input",
+    "check_probs",
     "file_sha256",
     "iter_chunks",
     "probs_columns",
