@@ -71,7 +71,8 @@ def comparison_table(comparison: Comparison, title: str = "", *, raw_only: bool 
     """
     from rich.table import Table  # lazily: `evaluate --json` needs no tables
 
-    table = Table(title=title or None, title_justify="left")
+    # as wide as the title: a title wider than the table would be wrapped
+    table = Table(title=title or None, title_justify="left", min_width=len(title))
     table.add_column("metric")
     table.add_column("raw", justify="right")
     if not raw_only:

@@ -197,7 +197,9 @@ def test_apply_list_column_to_csv_writes_flat_columns(files):
     result = run("apply", tmp / "H.npz", test, "-o", tmp / "out.csv")
     assert result.exit_code == 0, result.output
     table = pacsv.read_csv(tmp / "out.csv")
-    assert table.column_names == ["id", "path", "label", "pred", "pred_name"] + [f"p_{j}" for j in range(6)]
+    assert table.column_names == ["id", "path", "label", "pred", "pred_name"] + [
+        f"p_{j}" for j in range(6)
+    ]
     expected = apply_correction(load_artifact(tmp / "H.npz").H, probs[600:], 0.8)
     np.testing.assert_allclose(table.column("p_5").to_numpy(), expected[:, 5], atol=1e-6)
 
