@@ -115,7 +115,9 @@ def check_probs(
         # in the array's own precision: float32 rounding (~1e-6 for K = 10,000)
         # is far inside the tolerance, and a float64 pass costs a cast
         sums = arr.sum(axis=1)
-        bad = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
+        # the slack absorbs float64 rounding, so a row of %.4f values summing
+        # to exactly 0.999 in decimal is inside the tolerance it is printed against
+        bad = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE * (1 + 1e-9)
         if bad.any():
             zero = bad & (sums <= 0)
             if renormalize and not zero.any():
