@@ -232,18 +232,22 @@ def parse_floats(text: str, flag: str) -> list[float]:
 
 
 def plain_flags_in_help() -> None:
-    """Show flags in --help without a type: typer 0.29 prints ``--json <bool>``, as if
-    the flag took a value. Options with a value keep their metavar."""
-    from typer.core import TyperOption
+    """One look for every value in --help: typer 0.29 prints ``--json <bool>`` (as if the
+    flag took a value) and ``VAL <path>`` beside an argument's metavar. Flags show no
+    type; arguments and options with a metavar show only the metavar."""
+    from typer.core import TyperArgument, TyperOption
 
-    show = getattr(TyperOption, "display_type_rich", None)
-    if show is None or getattr(show, "_cnnbal_plain_flags", False):
-        return
+    for cls in (TyperOption, TyperArgument):
+        show = getattr(cls, "display_type_rich", None)
+        if show is None or getattr(show, "_cnnbal_plain", False):
+            continue
 
-    def display_type_rich(self, ctx):
-        if self.is_flag and self.metavar is None:
-            return None
-        return show(self, ctx)
+        def display_type_rich(self, ctx, _show=show):
+            if getattr(self, "is_flag", False) and self.metavar is None:
+                return None
+            if isinstance(self, TyperArgument) and self.metavar is not None:
+                return None
+            return _show(self, ctx)
 
-    display_type_rich._cnnbal_plain_flags = True
-    TyperOption.display_type_rich = display_type_rich
+        display_type_rich._cnnbal_plain = True
+        cls.display_type_rich = display_type_rich

@@ -275,7 +275,12 @@ def _sweep_rows(sweep: dict) -> list[tuple[str, str]]:
     if isinstance(sweep.get("chosen"), dict):
         rows.append(("chosen", ", ".join(f"{k}={v:g}" for k, v in sweep["chosen"].items())))
     if "decision" in sweep:
-        rows.append(("decision", f"{sweep['decision']} (beats raw: {sweep.get('beats_raw')})"))
+        decision = (
+            "use the correction: it beats raw in cross-validation"
+            if sweep.get("beats_raw")
+            else "keep the raw outputs: no configuration beats raw in cross-validation"
+        )
+        rows.append(("decision", decision))
     scores = sweep.get("chosen_scores") or {}
     raw = sweep.get("raw") or {}
     for name, value in scores.items():
