@@ -535,4 +535,33 @@ app.command("extract")(extract_command)
 
 def main() -> None:
     """Console-script entry point."""
+    import sys
+
+    if "--json" in sys.argv[1:]:
+        sys.exit(_main_json())
     app()
+
+
+def _main_json() -> int:
+    """Run with ``--json`` given: a usage error (a bad flag value, a missing argument) is
+    bad input too, so it is also printed on stdout as ``{"error": ..., "exit_code": 2}``."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        return 1
+    except Exception as exc:
+        # click's ClickException (typer >= 0.29 vendors click: match it by its shape)
+        if not (
+            hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
+        ):
+            raise
+        try:
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(exc)  # the usual message on stderr
+        except Exception:  # another typer: click's own format
+            exc.show()
+        print_json({"error": exc.format_message(), "exit_code": exc.exit_code})
+        return exc.exit_code
+    return code if isinstance(code, int) else 0

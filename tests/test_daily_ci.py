@@ -174,3 +174,16 @@ def test_usage_errors_from_the_parser_still_exit_2(fitted):
     result = run("evaluate", test, "--max-total-drop", "lots")
     assert result.exit_code == 2
     assert "--max-total-drop" in result.output
+
+
+def test_a_parser_usage_error_with_json_is_json_on_stdout_too(tmp_path):
+    """A real subprocess: the console script's own handling of a bad flag value."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cnnbal", "evaluate", tmp_path / "t.npz",
+         "--max-total-drop", "lots", "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    payload = json.loads(result.stdout)
+    assert payload["exit_code"] == 2 and "--max-total-drop" in payload["error"]
+    assert "--max-total-drop" in result.stderr
