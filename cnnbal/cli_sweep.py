@@ -294,7 +294,12 @@ def sweep_command(
     for note in result.warnings:
         notes.print(f"[yellow]note:[/] {note}", highlight=False)
     if refit is not None:
-        for note in refit.warnings:
+        refit_notes = refit.warnings
+        if val_out.class_names is not None:
+            from cnnbal.pipeline import named_class_notes
+
+            refit_notes = named_class_notes(refit, val_out.class_names)
+        for note in refit_notes:
             notes.print(f"[yellow]note (refit on all of VAL):[/] {note}", highlight=False)
 
     if json_out:
