@@ -32,6 +32,7 @@ from cnnbal.io import (
     file_sha256,
     iter_chunks,
     probs_columns,
+    read_npz_extras,
     read_outputs,
 )
 from cnnbal.metrics import Comparison, compare
@@ -377,19 +378,7 @@ class _NpzSink:
         if self.class_names is not None:
             arrays["class_names"] = np.array(self.class_names, dtype=str)
             arrays["pred_name"] = _pred_names(arrays["pred"], self.class_names)
-        if self.source.suffix.lower() == ".npz":
-            arrays = {**self._other_arrays(set(arrays)), **arrays}
+        if self.source.suffix.lower() == ".npz":  # keep the input's ids and the like
+            arrays = {**read_npz_extras(self.source, self.options, skip=arrays), **arrays}
         with open(self.tmp, "wb") as fh:
             np.savez(fh, **arrays)
-
-    def _other_arrays(self, written: set[str]) -> dict:
-        """The input's arrays that are neither its scores nor already written."""
-        from cnnbal.io.readers import _load_npz, _npz_array, npz_keys
-
-        with _load_npz(self.source) as archive:
-            score_key, _, label_key = npz_keys(archive.files, self.options, self.source)
-            # every score array goes: the corrected ``probs`` replace them
-            skip = written | {score_key, "probs", "predictions", "logits"}
-            if label_key is not None:
-                skip.add(label_key)
-            return {k: _npz_array(archive, k, self.source) for k in archive.files if k not in skip}

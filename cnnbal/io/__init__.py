@@ -29,7 +29,7 @@ from cnnbal.io.options import (
     Outputs,
     ReadOptions,
 )
-from cnnbal.io.readers import Chunk, ChunkSource, iter_chunks, read_outputs
+from cnnbal.io.readers import Chunk, ChunkSource, iter_chunks, read_npz_extras, read_outputs
 from cnnbal.io.validation import (
     check_probs,
     read_class_names,
@@ -62,6 +62,7 @@ __all__ = [
     "iter_chunks",
     "probs_columns",
     "read_class_names",
+    "read_npz_extras",
     "read_outputs",
     "softmax",
     "validate_labels",

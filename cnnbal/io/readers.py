@@ -186,6 +186,22 @@ def npz_keys(keys, options: ReadOptions | None, path: Path) -> tuple[str, bool, 
     return score_key, is_logits, label_key
 
 
+def read_npz_extras(
+    path: str | os.PathLike, options: ReadOptions | None = None, skip=()
+) -> dict[str, np.ndarray]:
+    """The arrays of an outputs ``.npz`` other than its scores and labels (ids, ...).
+
+    Every score key (:data:`PROB_KEYS`, :data:`LOGIT_KEYS`, the one
+    ``options.score_column`` names) and the label key are left out, and so is
+    every name in ``skip``: what ``apply`` writes in their place.
+    """
+    path = Path(path)
+    with _load_npz(path) as archive:
+        score_key, _, label_key = npz_keys(archive.files, options, path)
+        leave_out = {*skip, score_key, label_key, *PROB_KEYS, *LOGIT_KEYS}
+        return {k: _npz_array(archive, k, path) for k in archive.files if k not in leave_out}
+
+
 def _read_npz(path: Path, options: ReadOptions | None = None):
     with _load_npz(path) as archive:
         score_key, is_logits, label_key = npz_keys(archive.files, options, path)
