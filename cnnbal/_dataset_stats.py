@@ -11,10 +11,12 @@ cluster by an :class:`cnnbal.engine.Engine`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial, reduce
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -60,7 +62,13 @@ def _as_dataset(dataset, options: ReadOptions | None) -> Dataset:
 
 
 def _chunks(
-    shard: Shard, options: ReadOptions, n_classes: int, chunk_rows: int, *, row_major=False
+    shard: Shard,
+    options: ReadOptions,
+    n_classes: int,
+    chunk_rows: int,
+    *,
+    row_major=False,
+    renormalized: list[int] | None = None,
 ):
     """``(probs, labels)`` blocks of a shard (tables give column-major blocks).
 
@@ -70,6 +78,8 @@ def _chunks(
     """
     source = shard.open(options, chunk_rows=chunk_rows, require_labels=True)
     for chunk in source.chunks:
+        if renormalized is not None:
+            renormalized[0] += chunk.n_renormalized
         if chunk.probs.shape[1] != n_classes:
             raise CnnbalError(
                 f"{shard.name}: {chunk.probs.shape[1]} classes, the dataset has {n_classes}"
@@ -82,14 +92,25 @@ def _chunks(
 # ------------------------------------------------------------------ workers
 
 
+@dataclass(frozen=True)
+class Counted:
+    """A statistic and the rows ``--renormalize`` divided by their sum (a reading fact)."""
+
+    stats: object
+    n_renormalized: int = 0
+
+    def merge(self, other: Counted) -> Counted:
+        return Counted(self.stats.merge(other.stats), self.n_renormalized + other.n_renormalized)
+
+
 def shard_class_counts(
     shard: Shard, *, options: ReadOptions, n_classes: int, chunk_rows: int = CHUNK_ROWS
-) -> ClassCountStats:
-    """The fit's first pass over one shard."""
-    total = ClassCountStats.empty(n_classes)
-    for probs, labels in _chunks(shard, options, n_classes, chunk_rows):
+) -> Counted:
+    """The fit's first pass over one shard: :class:`ClassCountStats` and the renormalized rows."""
+    total, renormalized = ClassCountStats.empty(n_classes), [0]
+    for probs, labels in _chunks(shard, options, n_classes, chunk_rows, renormalized=renormalized):
         total = total.merge(ClassCountStats.from_chunk(probs, labels, n_classes))
-    return total
+    return Counted(total, renormalized[0])
 
 
 def shard_fit_system(
@@ -119,16 +140,17 @@ def shard_fit_system(
 
 def shard_naive_stats(
     shard: Shard, *, options: ReadOptions, n_classes: int, chunk_rows: int = CHUNK_ROWS
-) -> FitStats:
+) -> Counted:
     """The naive fit's single pass over one shard (counts and the unweighted system)."""
     counts = ClassCountStats.empty(n_classes)
     system = NormalEquationStats.empty(n_classes, "naive")
-    for probs, labels in _chunks(shard, options, n_classes, chunk_rows):
+    renormalized = [0]
+    for probs, labels in _chunks(shard, options, n_classes, chunk_rows, renormalized=renormalized):
         counts = counts.merge(ClassCountStats.from_chunk(probs, labels, n_classes))
         system = system.merge(
             NormalEquationStats.from_chunk(probs, labels, method="naive", n_classes=n_classes)
         )
-    return FitStats(counts, system)
+    return Counted(FitStats(counts, system), renormalized[0])
 
 
 def shard_eval_stats(
@@ -139,12 +161,15 @@ def shard_eval_stats(
     H: np.ndarray | None,
     apply_gate: float,
     chunk_rows: int = CHUNK_ROWS,
-) -> EvalStats:
+) -> Counted:
     """Evaluate one shard: raw and corrected (by ``H`` with its gate) sums."""
-    total = EvalStats.empty(n_classes)
-    for probs, labels in _chunks(shard, options, n_classes, chunk_rows, row_major=True):
+    total, renormalized = EvalStats.empty(n_classes), [0]
+    chunks = _chunks(
+        shard, options, n_classes, chunk_rows, row_major=True, renormalized=renormalized
+    )
+    for probs, labels in chunks:
         total = total.merge(EvalStats.from_outputs(probs, labels, H, apply_gate))
-    return total
+    return Counted(total, renormalized[0])
 
 
 def _run(engine: Engine | None, func, shards: Sequence[Shard], merge=merge_stats):
@@ -165,6 +190,7 @@ def fit_dataset(
     chunk_rows: int = CHUNK_ROWS,
     options: ReadOptions | None = None,
     provenance: dict | None = None,
+    report: dict | None = None,
 ) -> tuple[Artifact, tuple[str, ...]]:
     """Fit H on every shard of a dataset, streaming (docs/method.md sections 2-3).
 
@@ -191,6 +217,9 @@ def fit_dataset(
         Only for paths; a Dataset carries its own.
     provenance : dict, optional
         Recorded in the artifact.
+    report : dict, optional
+        Filled with ``rows_renormalized`` (rows ``--renormalize`` divided by
+        their sum) for the caller's messages.
 
     Returns
     -------
@@ -214,18 +243,20 @@ def fit_dataset(
         warnings.simplefilter("ignore", UserWarning)  # reported through result.warnings
         n_rows = dataset.n_rows
         if n_rows is not None and n_rows <= n_classes:
-            result = _fit_in_memory(dataset, method, params, rows)
+            result, renormalized = _fit_in_memory(dataset, method, params, rows)
         elif method == "naive":
             worker = partial(
                 shard_naive_stats, options=options, n_classes=n_classes, chunk_rows=rows
             )
-            result = _run(engine, worker, dataset.shards).finish()
+            counted = _run(engine, worker, dataset.shards)
+            result, renormalized = counted.stats.finish(), counted.n_renormalized
         else:
-            counts = _run(
+            counted = _run(
                 engine,
                 partial(shard_class_counts, options=options, n_classes=n_classes, chunk_rows=rows),
                 dataset.shards,
             )
+            counts, renormalized = counted.stats, counted.n_renormalized
             worker = partial(
                 shard_fit_system,
                 options=options,
@@ -237,6 +268,14 @@ def fit_dataset(
             )
             system = _run(engine, worker, dataset.shards)
             result = FitStats(counts, system).finish(params)
+    if report is not None:
+        report["rows_renormalized"] = renormalized
+    if dataset.class_names is not None:
+        from cnnbal.pipeline import named_class_notes
+
+        result = dataclasses.replace(
+            result, warnings=named_class_notes(result, dataset.class_names)
+        )
     artifact = Artifact.from_fit(
         result,
         class_names=dataset.class_names,
@@ -248,14 +287,18 @@ def fit_dataset(
 
 
 def _fit_in_memory(dataset: Dataset, method: str, params: FitParams, chunk_rows: int):
-    probs, labels = [], []
+    probs, labels, renormalized = [], [], [0]
     for shard in dataset.shards:
-        for p, y in _chunks(shard, dataset.options, dataset.n_classes, chunk_rows):
+        chunks = _chunks(
+            shard, dataset.options, dataset.n_classes, chunk_rows, renormalized=renormalized
+        )
+        for p, y in chunks:
             probs.append(p)
             labels.append(y)
-    return fit(
+    result = fit(
         np.concatenate(probs), np.concatenate(labels), method, params, n_classes=dataset.n_classes
     )
+    return result, renormalized[0]
 
 
 def dataset_sha256(dataset: Dataset) -> str:
@@ -290,6 +333,7 @@ def evaluate_dataset(
     chunk_rows: int = CHUNK_ROWS,
     options: ReadOptions | None = None,
     h_name: str = "H",
+    report: dict | None = None,
 ) -> Comparison:
     """Raw vs corrected metrics over every shard, streaming (raw vs raw without H).
 
@@ -309,6 +353,8 @@ def evaluate_dataset(
         Only for paths.
     h_name : str
         How messages name the artifact.
+    report : dict, optional
+        Filled with ``rows_renormalized``.
 
     Returns
     -------
@@ -331,4 +377,7 @@ def evaluate_dataset(
         apply_gate=gate,
         chunk_rows=stream_chunk_rows(n_classes, chunk_rows),
     )
-    return _run(engine, worker, dataset.shards).finish(val_class_accuracy=val_accuracy)
+    counted = _run(engine, worker, dataset.shards)
+    if report is not None:
+        report["rows_renormalized"] = counted.n_renormalized
+    return counted.stats.finish(val_class_accuracy=val_accuracy)

@@ -11,6 +11,7 @@ adds only flags and presentation::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from cnnbal.io import (
     file_sha256,
     iter_chunks,
     probs_columns,
+    read_npz_extras,
     read_outputs,
 )
 from cnnbal.io.datasets import write_h_sidecar
@@ -103,6 +105,10 @@ def fit_outputs(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # reported through result.warnings
         result = fit(outputs.probs, outputs.labels, method, params)
+    if outputs.class_names is not None:
+        result = dataclasses.replace(
+            result, warnings=named_class_notes(result, outputs.class_names)
+        )
     artifact = Artifact.from_fit(
         result,
         class_names=outputs.class_names,
@@ -111,6 +117,30 @@ def fit_outputs(
         provenance=provenance,
     )
     return artifact, result.warnings
+
+
+def named_class_notes(result, class_names: list[str]) -> tuple[str, ...]:
+    """The fit's warnings with classes named ("3 (cat)") instead of bare indices."""
+    from cnnbal.core import _class_notes
+
+    by_index = _class_notes(result.floored_classes, result.empty_classes, result.class_counts)
+    if not by_index:
+        return tuple(result.warnings)
+
+    def named(classes):
+        return tuple(f"{k} ({class_names[k]})" for k in classes)
+
+    by_name = _class_notes(named(result.floored_classes), named(result.empty_classes), None)
+    renamed = dict(zip(by_index, by_name, strict=True))
+    return tuple(renamed.get(note, note) for note in result.warnings)
+
+
+def with_names_from(options: ReadOptions | None, artifact: Artifact) -> ReadOptions:
+    """Reading options that fall back on the class names stored in H (string labels)."""
+    options = options or ReadOptions()
+    if artifact.class_names is None or options.fallback_class_names is not None:
+        return options
+    return dataclasses.replace(options, fallback_class_names=tuple(artifact.class_names))
 
 
 def fit_file(
@@ -150,7 +180,7 @@ def check_compatible(artifact: Artifact, n_classes: int, class_names, source: Pa
 
 
 def correct(artifact: Artifact, probs: np.ndarray, *, clip: bool = True) -> np.ndarray:
-    """Apply an artifact's H with its gate (METHOD.md 3)."""
+    """Apply an artifact's H with its gate (docs/method.md section 4)."""
     return apply_correction(artifact.H, probs, artifact.apply_gate, clip=clip)
 
 
@@ -160,13 +190,18 @@ def evaluate_file(
     *,
     options: ReadOptions | None = None,
 ) -> tuple[Outputs, Artifact | None, Comparison]:
-    """Raw vs corrected metrics on a labelled file (raw vs raw without H)."""
+    """Raw vs corrected metrics on a labelled file (raw vs raw without H).
+
+    String labels are read through H's class names when the file and
+    ``options`` give none.
+    """
+    artifact = load_artifact(h_path) if h_path is not None else None
+    if artifact is not None:
+        options = with_names_from(options, artifact)
     outputs = read_outputs(test_path, options)
-    artifact = None
     corrected = outputs.probs
     val_accuracy = None
-    if h_path is not None:
-        artifact = load_artifact(h_path)
+    if artifact is not None:
         check_compatible(
             artifact, outputs.n_classes, outputs.class_names, outputs.path, Path(h_path).name
         )
@@ -189,6 +224,7 @@ class ApplyReport:
     n_changed: int
     output: Path
     skipped: bool = False
+    n_renormalized: int = 0
 
 
 _TABLE = (".parquet", ".pq", ".csv")
@@ -243,7 +279,7 @@ def apply_file(
         artifact,
         file_sha256(h_path),
         h_path.name,
-        options or ReadOptions(),
+        with_names_from(options, artifact),  # string labels read through H's class names
         raw_scores,
         pred_column,
         force,
@@ -329,7 +365,7 @@ def _apply_source(
         check_compatible(artifact, source.n_classes, source.class_names, in_label, plan.h_name)
     class_names = source.class_names or artifact.class_names
     out_suffix = out_path.suffix.lower()
-    n_rows = n_corrected = n_changed = 0
+    n_rows = n_corrected = n_changed = n_renormalized = 0
     with atomic_output(out_path, *inputs) as tmp, _Overlap() as overlap:
         writer = _make_writer(tmp, out_suffix, source, class_names, plan)
         try:
@@ -352,6 +388,7 @@ def _apply_source(
                 # (a gather, instead of a second argmax over the whole block)
                 raw_at_pred = chunk.probs[np.arange(len(pred)), pred]
                 n_changed += int(np.sum(raw_at_pred < row_max))
+                n_renormalized += chunk.n_renormalized
                 overlap.write_behind(writer.write, chunk, fixed, pred)
                 if progress is not None:
                     progress(n_rows)
@@ -363,7 +400,7 @@ def _apply_source(
         writer.close()
     if out_suffix in (".npy", ".csv"):
         write_h_sidecar(out_path, plan.h_sha256, plan.h_name)
-    return ApplyReport(n_rows, n_corrected, n_changed, out_path)
+    return ApplyReport(n_rows, n_corrected, n_changed, out_path, n_renormalized=n_renormalized)
 
 
 # ------------------------------------------------------------------ apply on a dataset
@@ -391,6 +428,10 @@ class DatasetApplyReport:
     @property
     def n_skipped(self) -> int:
         return sum(r.skipped for r in self.shards)
+
+    @property
+    def n_renormalized(self) -> int:
+        return sum(r.n_renormalized for r in self.shards)
 
 
 def apply_dataset(
@@ -444,7 +485,7 @@ def apply_dataset(
         artifact,
         file_sha256(h_path),
         h_path.name,
-        dataset.options,
+        with_names_from(dataset.options, artifact),
         raw_scores,
         pred_column,
         force,
@@ -555,7 +596,12 @@ def _make_writer(tmp: Path, suffix: str, source, class_names, plan: ApplyPlan):
         return _TableSink(tmp, suffix, source, class_names, plan)
     if suffix == ".npy":
         return _NpySink(tmp, source)
-    return _NpzSink(tmp, class_names, plan)
+    return _NpzSink(tmp, class_names, source, plan)
+
+
+def _pred_names(pred: np.ndarray, class_names) -> np.ndarray:
+    """The class name of each prediction, shape (rows,) str."""
+    return np.asarray(class_names, dtype=str)[pred]
 
 
 class _TableSink:
@@ -564,6 +610,7 @@ class _TableSink:
         self.csv = suffix == ".csv"
         self.source = source.path.name
         self.pred_column = plan.pred_column
+        self.class_names = class_names
         self.writer = TableWriter(
             tmp,
             ".csv" if self.csv else ".parquet",
@@ -593,7 +640,12 @@ class _TableSink:
                 "prediction column with --pred-column NAME"
             )
         columns[self.pred_column] = pa.array(pred.astype(np.int64))
-        columns.update(probs_columns(fixed, self.layout, flat=self.csv))
+        if self.class_names is not None:
+            columns[f"{self.pred_column}_name"] = pa.array(_pred_names(pred, self.class_names))
+        # CSV is text: float32 keeps every digit a model's softmax has and
+        # writes ~9 characters a number instead of float64's 17
+        scores = fixed.astype(np.float32, copy=False) if self.csv else fixed
+        columns.update(probs_columns(scores, self.layout, flat=self.csv))
         self.writer.write(pa.RecordBatch.from_pydict(columns))
 
     def close(self):
@@ -625,11 +677,17 @@ class _NpySink:
 
 
 class _NpzSink:
-    def __init__(self, tmp, class_names, plan):
+    """Collects the blocks; at close writes ``probs``, ``pred`` (``pred_name``), the
+    labels and class names, the H's SHA-256, and every other array of a local
+    ``.npz`` input (ids)."""
+
+    def __init__(self, tmp, class_names, source, plan):
         self.tmp = tmp
         self.class_names = class_names
         self.pred_member = plan.pred_column
         self.h_sha256 = plan.h_sha256
+        self.source = source.path
+        self.options = plan.options
         self.parts = []
 
     def write(self, chunk, fixed, pred):
@@ -649,6 +707,12 @@ class _NpzSink:
             arrays["labels"] = np.concatenate([p[2] for p in self.parts])
         if self.class_names is not None:
             arrays["class_names"] = np.array(self.class_names, dtype=str)
+            arrays[f"{self.pred_member}_name"] = _pred_names(
+                arrays[self.pred_member], self.class_names
+            )
         arrays[H_SHA256_MEMBER] = np.array(self.h_sha256)
+        # keep the input's ids and the like (a local input: remote ones are read once)
+        if isinstance(self.source, Path) and self.source.suffix.lower() == ".npz":
+            arrays = {**read_npz_extras(self.source, self.options, skip=arrays), **arrays}
         with open(self.tmp, "wb") as fh:
             np.savez(fh, **arrays)
