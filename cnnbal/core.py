@@ -321,7 +321,9 @@ def fit_elaborated(
 
 
 def elaborated_class_weight_sq(accuracy: np.ndarray, counts: np.ndarray, beta: float) -> np.ndarray:
-    """Squared class weights ``s_k^2 = max(acc_k, 0.5 / n_k) ** (-2 beta)`` (METHOD.md 2, step 3).
+    """Squared class weights ``s_k^2 = max(acc_k, 0.5 / n_k) ** (-2 beta)``.
+
+    docs/method.md section 3, step 3 (the floor: its edge cases).
 
     Parameters
     ----------
