@@ -182,3 +182,18 @@ def test_local_engine_with_two_processes_gives_the_in_process_results(tmp_path, 
         comparison = evaluate_dataset(folder, artifact, engine=engine)
     np.testing.assert_allclose(artifact.H, expected.H, rtol=0, atol=1e-12)
     assert comparison.metrics == expected_cmp.metrics
+
+
+def test_rows_renormalized_are_counted_over_every_shard(tmp_path, data):
+    # a rounded export: every 10th row is off 1 by 0.01, beyond the 1e-3 tolerance
+    probs, labels = data
+    rounded = probs.astype(np.float64)
+    rounded[::10] *= 1.01
+    folder = write_shards(tmp_path / "rounded", rounded, labels, "npz", n_shards=3)
+    options = ReadOptions(renormalize=True)
+    report: dict = {}
+    artifact, _ = fit_dataset(folder, options=options, report=report)
+    assert report == {"rows_renormalized": len(rounded[::10])}
+    report = {}
+    evaluate_dataset(folder, artifact, options=options, report=report)
+    assert report == {"rows_renormalized": len(rounded[::10])}
