@@ -18,7 +18,7 @@ gives a large negative but finite logit (``log(tiny)`` is about -87.3 for
 float32 and -708 for float64) and never a NaN. A row's log-probabilities are
 only defined up to a constant (a row that sums to ``s`` instead of 1 adds
 ``-log s`` to every entry), and softmax ignores that constant, so rows are not
-renormalised first.
+renormalised first (except for ``vector_scaling``, see :func:`normalised_log`).
 
 Pure functions: no I/O, no printing.
 """
@@ -31,7 +31,7 @@ import numpy as np
 
 from cnnbal.errors import CnnbalError
 
-__all__ = ["KINDS", "Correction", "log_probs", "softmax_rows"]
+__all__ = ["KINDS", "Correction", "log_probs", "normalised_log", "softmax_rows"]
 
 #: The correction kinds, in the order the artifact documents them.
 KINDS = ("affine", "logit_bias", "temperature", "vector_scaling")
@@ -64,6 +64,18 @@ def log_probs(probs: np.ndarray) -> np.ndarray:
     out = np.maximum(np.asarray(probs, dtype=np.float64), float(np.finfo(dtype).tiny))
     np.log(out, out=out)
     return out
+
+
+def normalised_log(z: np.ndarray) -> np.ndarray:
+    """``z`` minus each row's log-sum-exp, in place: the log of the row renormalised to sum to 1.
+
+    Vector scaling multiplies each class's log-probability by its own factor,
+    so, unlike the other kinds, it is not blind to a per-row constant: its
+    logits are taken from renormalised rows.
+    """
+    top = z.max(axis=1, keepdims=True)
+    z -= top + np.log(np.exp(z - top).sum(axis=1, keepdims=True))
+    return z
 
 
 def softmax_rows(logits: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -234,6 +246,8 @@ class Correction:
             return z
         scale, bias = self._scale_and_bias()
         z = log_probs(probs)
+        if self.kind == "vector_scaling":
+            z = normalised_log(z)
         z *= scale
         z += bias
         return z

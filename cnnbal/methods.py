@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from cnnbal.core import DEFAULT_PARAMS, FitParams, FitResult, class_accuracy
-from cnnbal.corrections import Correction, log_probs
+from cnnbal.corrections import Correction, log_probs, normalised_log
 from cnnbal.errors import CnnbalError
 from cnnbal.metrics import low_fraction_count, lowest_classes
 from cnnbal.sweep import (
@@ -754,7 +754,9 @@ def _predict_logits(correction: Correction, z: np.ndarray) -> np.ndarray:
         return (z + correction.params["bias"]).argmax(axis=1)
     if correction.kind == "temperature":
         return z.argmax(axis=1)
-    return (correction.params["scale"] * z + correction.params["bias"]).argmax(axis=1)
+    return (
+        correction.params["scale"] * normalised_log(z.copy()) + correction.params["bias"]
+    ).argmax(axis=1)
 
 
 # ====================================================================== the bias problems
@@ -1013,8 +1015,8 @@ def _fit_vector_scaling(z, labels, hypers, target, x0):
     del hypers, target, x0
     n, n_classes = z.shape
     rows = np.arange(n)
-    # z is shifted per row (softmax ignores it) so that its largest entry is 0
-    zc = z - z.max(axis=1, keepdims=True)
+    # per-class scales see a per-row constant, so the rows are renormalised (as apply does)
+    zc = normalised_log(z.copy())
     onehot_z = np.bincount(labels, weights=zc[rows, labels], minlength=n_classes) / n
     onehot = np.bincount(labels, minlength=n_classes) / n
 
