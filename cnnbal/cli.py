@@ -204,7 +204,7 @@ def apply_command(
         print_json(payload)
         return
     stderr_console().print(
-        f"apply: {report.n_rows:,} rows, {report.n_corrected:,} below the gate, "
+        f"apply: {report.n_rows:,} rows, {report.n_corrected:,} touched by the correction, "
         f"{report.n_changed:,} predictions changed; wrote {report.output} "
         f"in {seconds:.2f} s",
         highlight=False,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnbal.artifact import Artifact, load_artifact, save_artifact
-from cnnbal.core import DEFAULT_PARAMS, FitParams, apply_correction, argmax_rows, fit
+from cnnbal.core import DEFAULT_PARAMS, FitParams, argmax_rows, fit
 from cnnbal.errors import CnnbalError
 from cnnbal.io import (
     Outputs,
@@ -120,9 +120,43 @@ def check_compatible(artifact: Artifact, n_classes: int, class_names, source: Pa
             )
 
 
-def correct(artifact: Artifact, probs: np.ndarray, *, clip: bool = True) -> np.ndarray:
-    """Apply an artifact's H with its gate (METHOD.md 3)."""
-    return apply_correction(artifact.H, probs, artifact.apply_gate, clip=clip)
+def correct(
+    artifact: Artifact, probs: np.ndarray, *, clip: bool = True, name: str = "the artifact"
+) -> np.ndarray:
+    """Apply an artifact's correction, of any kind (docs/method.md).
+
+    Parameters
+    ----------
+    probs : ndarray of shape (n_samples, n_classes)
+    clip : bool
+        Affine corrections only: clip negative scores and renormalise.
+    name : str
+        The artifact's file name, for the error message.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_classes)
+
+    Raises
+    ------
+    CnnbalError
+        The correction produced a non-finite score (a corrupt artifact).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # caught below, in one line
+        corrected = artifact.correction.apply(probs, clip=clip)
+    _check_finite(corrected, artifact, name)
+    return corrected
+
+
+def _check_finite(corrected: np.ndarray, artifact: Artifact, name: str, offset: int = 0) -> None:
+    """A correction must never turn finite inputs into NaN/inf silently."""
+    bad = ~np.isfinite(corrected).all(axis=1)
+    if bad.any():
+        row = offset + int(np.flatnonzero(bad)[0])
+        raise CnnbalError(
+            f"{name}: the {artifact.kind} correction gives non-finite scores on row {row}; "
+            "the artifact is corrupt"
+        )
 
 
 def evaluate_file(
@@ -141,7 +175,7 @@ def evaluate_file(
         check_compatible(
             artifact, outputs.n_classes, outputs.class_names, outputs.path, Path(h_path).name
         )
-        corrected = correct(artifact, outputs.probs)
+        corrected = correct(artifact, outputs.probs, name=Path(h_path).name)
         val_accuracy = artifact.val_class_accuracy
     comparison = compare(outputs.probs, corrected, outputs.labels, val_class_accuracy=val_accuracy)
     return outputs, artifact, comparison
@@ -152,6 +186,7 @@ class ApplyReport:
     """What :func:`apply_file` did."""
 
     n_rows: int
+    #: rows the correction touches: below an affine H's gate; every row for other kinds
     n_corrected: int
     n_changed: int
     output: Path
@@ -181,8 +216,9 @@ def apply_file(
     Parameters
     ----------
     raw_scores : bool
-        Keep the affine scores as they are (may be negative) instead of
-        clipping at 0 and renormalising.
+        Affine corrections: keep the affine scores as they are (may be
+        negative) instead of clipping at 0 and renormalising. The other kinds
+        always give probabilities.
     progress : callable, optional
         Called with the number of rows done after each block.
     """
@@ -214,16 +250,12 @@ def apply_file(
                     artifact, chunk.probs.shape[1], source.class_names, in_path, h_path.name
                 )
                 row_max = chunk.probs.max(axis=1)
-                fixed = apply_correction(
-                    artifact.H,
-                    chunk.probs,
-                    artifact.apply_gate,
-                    clip=not raw_scores,
-                    row_max=row_max,
-                )
+                fixed = artifact.correction.apply(chunk.probs, clip=not raw_scores, row_max=row_max)
+                _check_finite(fixed, artifact, h_path.name, chunk.row_offset)
                 pred = argmax_rows(fixed)
                 n_rows += len(pred)
-                n_corrected += int(np.sum(row_max < artifact.apply_gate))
+                # rows the correction touches: below an affine gate, every row otherwise
+                n_corrected += int(np.sum(artifact.correction.changes_rows(row_max)))
                 # changed: the new prediction is not a top class of the raw row
                 # (a gather, instead of a second argmax over the whole block)
                 raw_at_pred = chunk.probs[np.arange(len(pred)), pred]
