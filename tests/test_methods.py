@@ -426,6 +426,15 @@ def test_cross_validate_is_nested_and_scores_raw_like_the_folds(weak):
     folds = stratified_folds(labels, 3, 1)
     raw_total = [np.mean(probs[test].argmax(axis=1) == labels[test]) for _, test in folds]
     np.testing.assert_allclose(estimate.raw_fold_scores[:, 0], raw_total)
+    # pooled scores: the held-out predictions of all folds together
+    np.testing.assert_allclose(
+        estimate.raw_pooled_scores[:3],
+        [
+            np.mean(probs.argmax(axis=1) == labels),
+            np.sort(recall(probs.argmax(axis=1), labels))[:1].mean(),
+            recall(probs.argmax(axis=1), labels).mean(),
+        ],
+    )
     prior = cross_validate("prior-match", probs, labels, n_folds=3, seed=1)
     assert len(prior.hyper_per_fold) == 3
     assert all(
@@ -433,10 +442,16 @@ def test_cross_validate_is_nested_and_scores_raw_like_the_folds(weak):
     )
 
 
+def recall(pred, labels):
+    return np.array([np.mean(pred[labels == k] == k) for k in range(labels.max() + 1)])
+
+
 def estimate(method, total, worst20, raw=(0.80, 0.50)):
-    folds = np.array([[total, worst20, 0.0, 0.0]] * 2)
-    raw_folds = np.array([[raw[0], raw[1], 0.0, 0.0]] * 2)
-    return CVEstimate(method, SCORE_NAMES, raw_folds, folds, ({}, {}), 2, 0, 0.0)
+    scores = np.array([total, worst20, 0.0, 0.0])
+    raw_scores = np.array([raw[0], raw[1], 0.0, 0.0])
+    return CVEstimate(
+        method, SCORE_NAMES, raw_scores[None], scores[None], ({},), 1, 0, 0.0, raw_scores, scores
+    )
 
 
 def test_recommend_best_eligible_objective_or_none():
