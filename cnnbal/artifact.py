@@ -274,6 +274,13 @@ class Artifact:
             "params": self.params,
         }
         summary.update(_describe_correction(self.correction, self.class_names))
+        cv = self.provenance.get("cv")
+        if isinstance(cv, dict) and "chosen" in cv and "name" in cv:
+            grid = ", ".join(f"{v:g}" for v in cv.get("grid", []))
+            summary["hyper_choice"] = (
+                f"{cv['name']}={cv['chosen']:g} chosen by {cv.get('n_folds', '?')}-fold CV on "
+                f"{cv.get('objective', '?')} from {grid}"
+            )
         summary.update(
             {
                 "n_classes": self.n_classes,

@@ -42,7 +42,9 @@ __all__ = [
     "correct",
     "evaluate_file",
     "fit_file",
+    "fit_method_outputs",
     "fit_outputs",
+    "read_prior",
 ]
 
 
@@ -92,9 +94,17 @@ def fit_file(
     params: FitParams = DEFAULT_PARAMS,
     options: ReadOptions | None = None,
 ) -> Artifact:
-    """Read validation outputs, fit H, and (with ``out_path``) save the artifact."""
+    """Read validation outputs, fit a correction, and (with ``out_path``) save the artifact.
+
+    ``method`` is any name of :data:`cnnbal.methods.METHOD_NAMES`; methods
+    other than the paper's two choose their hyper-parameters by CV on the file
+    (see :func:`fit_method_outputs` for the other options).
+    """
     outputs = read_outputs(val_path, options)
-    artifact, _ = fit_outputs(outputs, method, params)
+    if method in ("elaborated", "naive"):
+        artifact, _ = fit_outputs(outputs, method, params)
+    else:
+        artifact, _ = fit_method_outputs(outputs, method)
     if out_path is not None:
         check_not_input(out_path, val_path)
         save_artifact(out_path, artifact)
@@ -358,3 +368,104 @@ class _NpzSink:
             arrays["class_names"] = np.array(self.class_names, dtype=str)
         with open(self.tmp, "wb") as fh:
             np.savez(fh, **arrays)
+
+
+def fit_method_outputs(
+    outputs: Outputs,
+    method: str,
+    *,
+    hyper: dict[str, float] | None = None,
+    prior: str | np.ndarray = "uniform",
+    unlabelled: bool = False,
+    n_folds: int = 5,
+    seed: int = 0,
+    objective: str = "worst20",
+    max_total_drop: float = 0.5,
+    params: FitParams | None = None,
+    provenance: dict | None = None,
+):
+    """Fit any method of :data:`cnnbal.methods.METHOD_NAMES` on validated outputs.
+
+    Hyper-parameters not in ``hyper`` are chosen by stratified k-fold CV on
+    the outputs (:func:`cnnbal.methods.fit_method`, which documents every
+    argument); ``unlabelled`` fits ``prior-match`` without looking at labels.
+
+    Returns
+    -------
+    artifact : Artifact
+    fitted : MethodFit
+        With the CV record (``fitted.cv``) and the fit's warnings.
+    """
+    from cnnbal.methods import fit_method
+
+    if params is not None:
+        check_params(params)
+    labels = None if unlabelled else outputs.labels
+    if labels is None and not unlabelled:
+        raise CnnbalError(f"{outputs.path.name}: fitting {method} needs labels")
+    fitted = fit_method(
+        method,
+        outputs.probs,
+        labels,
+        hyper=hyper,
+        prior=prior,
+        unlabelled=unlabelled,
+        n_folds=n_folds,
+        seed=seed,
+        objective=objective,
+        max_total_drop=max_total_drop,
+        params=params,
+    )
+    recorded = dict(provenance or {})
+    if method == "prior-match":
+        recorded.setdefault(
+            "prior",
+            prior if isinstance(prior, str) else np.asarray(prior, dtype=float).tolist(),
+        )
+        recorded.setdefault("unlabelled", bool(unlabelled))
+    artifact = Artifact.from_method_fit(
+        fitted,
+        class_names=outputs.class_names,
+        input_sha256=file_sha256(outputs.path),
+        input_name=outputs.path.name,
+        provenance=recorded,
+    )
+    return artifact, fitted
+
+
+def read_prior(path: str | os.PathLike, n_classes: int) -> np.ndarray:
+    """A target class prior from a file: ``.npy`` (1-D) or text (numbers, one per line or
+    separated by commas/spaces).
+
+    Returns
+    -------
+    ndarray of shape (n_classes,), float64
+        Positive weights, normalised to sum to 1.
+
+    Raises
+    ------
+    CnnbalError
+        Unreadable file, wrong count, or a weight that is not a positive number.
+    """
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise CnnbalError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() == ".npy":
+            values = np.load(path, allow_pickle=False)
+        else:
+            text = path.read_text(encoding="utf-8")
+            values = np.array([float(v) for v in text.replace(",", " ").split()])
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CnnbalError(f"{name}: not a readable prior ({exc})") from None
+    if values.dtype.kind not in "iuf" or values.ndim != 1:
+        raise CnnbalError(
+            f"{name}: a prior is a list of numbers, not {values.dtype} {values.shape}"
+        )
+    values = values.astype(np.float64)
+    if len(values) != n_classes:
+        raise CnnbalError(f"{name}: {len(values)} prior weights, but the outputs have {n_classes}")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise CnnbalError(f"{name}: prior weights must be positive numbers")
+    return values / values.sum()
