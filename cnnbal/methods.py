@@ -877,6 +877,11 @@ class _BiasProblem:
         self, u: np.ndarray, weights: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per-row ``lse(z_n / T + u)`` and ``sum_n w_n softmax(z_n / T + u)`` (w = 1 if None)."""
+        state = self.state(u)
+        return state[0], self.softmax_mean(state, weights)
+
+    def state(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``(lse, exp(u - max u), row sums)``; the last two are None on the direct path."""
         shift = u.max()
         eu = np.exp(u - shift)
         sums = self.E @ eu
@@ -886,13 +891,18 @@ class _BiasProblem:
             q = np.exp(logits - m[:, None])
             s = q.sum(axis=1)
             q /= s[:, None]
-            lse = m + np.log(s)
-            mean = q.sum(axis=0) if weights is None else weights @ q
-            return lse, mean
-        lse = self.row_max + shift + np.log(sums)
+            self._direct_q = q
+            return m + np.log(s), None, None
+        return self.row_max + shift + np.log(sums), eu, sums
+
+    def softmax_mean(self, state, weights: np.ndarray | None) -> np.ndarray:
+        """``sum_n w_n softmax(z_n / T + u)`` at the ``u`` of ``state`` (w = 1 if None)."""
+        _, eu, sums = state
+        if eu is None:  # pragma: no cover - the direct path of state()
+            q = self._direct_q
+            return q.sum(axis=0) if weights is None else weights @ q
         ratio = 1.0 / sums if weights is None else weights / sums
-        mean = eu * (ratio @ self.E)
-        return lse, mean
+        return eu * (ratio @ self.E)
 
 
 def _lbfgs(fun, x0: np.ndarray) -> np.ndarray:
@@ -984,7 +994,8 @@ def _fit_class_dro(z, labels, hypers, target, x0):
 
         def fun(b, eta=eta):
             # CE_k at b for the weights, then the gradient with weights pi_c / n_c
-            lse, _ = problem.lse_and_softmax_mean(b, None)
+            state = problem.state(b)
+            lse = state[0]
             per_sample = lse - true_z - b[labels]
             ce = np.bincount(labels, weights=per_sample, minlength=n_classes) * inv_counts
             scaled = ce[present] / eta
@@ -996,7 +1007,7 @@ def _fit_class_dro(z, labels, hypers, target, x0):
             pi = np.zeros(n_classes)
             pi[present] = pi_present
             class_weight = pi * inv_counts
-            _, mean_q = problem.lse_and_softmax_mean(b, class_weight[labels])
+            mean_q = problem.softmax_mean(state, class_weight[labels])
             return value, mean_q - pi
 
         b = _lbfgs(fun, b)
@@ -1140,7 +1151,8 @@ def _worst20_ascent(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """
     n, n_classes = z.shape
     n_low = low_fraction_count(n_classes)
-    scores = z.copy()
+    # column-major: each trial reads one class's scores
+    scores = np.asfortranarray(z, dtype=np.float64).copy(order="F")
     b = np.zeros(n_classes)
     pred = scores.argmax(axis=1)
     best = scores[np.arange(n), pred]
@@ -1149,11 +1161,16 @@ def _worst20_ascent(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
     correct = np.bincount(labels[pred == labels], minlength=n_classes).astype(np.int64)
     max_step = _ASCENT_STEPS[-1]
 
-    def summary(correct_counts):
-        recall = correct_counts[present] / counts[present]
-        return np.sort(recall)[:n_low].mean(), correct_counts.sum()
+    n_steps = len(_ASCENT_STEPS)
+    step_offsets = (np.arange(n_steps) * n_classes)[:, None]
 
-    current = summary(correct)
+    def summaries(correct_counts):
+        """(worst-20%, total correct) of each row of correct counts, shape (m, n_classes)."""
+        recall = correct_counts[:, present] / counts[present]
+        return np.sort(recall, axis=1)[:, :n_low].mean(axis=1), correct_counts.sum(axis=1)
+
+    worst20, total = summaries(correct[None])
+    current = (float(worst20[0]), int(total[0]))
     for _ in range(_ASCENT_MAX_STEPS):
         recall = np.where(present, correct / np.maximum(counts, 1), np.inf)
         worst = lowest_classes(recall, n_low)
@@ -1166,21 +1183,21 @@ def _worst20_ascent(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
                 continue
             near_gap = gap[near]
             near_labels = labels[near]
-            was_right = pred[near] == near_labels
-            now_right = near_labels == k
-            for step in _ASCENT_STEPS:
-                # ties go to the lower class index (argmax's first maximum)
-                flips = (near_gap < step) | ((near_gap == step) & (k < pred[near]))
-                if not flips.any():
-                    continue
-                delta = np.bincount(
-                    near_labels[flips],
-                    weights=now_right[flips].astype(float) - was_right[flips],
-                    minlength=n_classes,
-                ).astype(np.int64)
-                value = summary(correct + delta)
+            change = (near_labels == k).astype(np.int64) - (pred[near] == near_labels)
+            # every step at once, (n_steps, n_near); ties go to the lower class
+            # index (argmax's first maximum)
+            steps = _ASCENT_STEPS[:, None]
+            flips = (near_gap < steps) | ((near_gap == steps) & (k < pred[near]))
+            delta = np.bincount(
+                (near_labels + step_offsets)[flips],
+                weights=np.broadcast_to(change, flips.shape)[flips],
+                minlength=n_steps * n_classes,
+            ).reshape(n_steps, n_classes)
+            worst20, total = summaries(correct + delta.astype(np.int64))
+            for i in range(n_steps):
+                value = (float(worst20[i]), int(total[i]))
                 if value > best_value:
-                    best_value, best_move = value, (k, step)
+                    best_value, best_move = value, (k, _ASCENT_STEPS[i])
         if best_move is None or best_value[0] <= current[0] + _TIE:
             break
         k, step = best_move
@@ -1192,7 +1209,8 @@ def _worst20_ascent(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         pred[flips] = k
         best[flips] = scores[flips, k]
         correct = np.bincount(labels[pred == labels], minlength=n_classes).astype(np.int64)
-        current = summary(correct)
+        worst20, total = summaries(correct[None])
+        current = (float(worst20[0]), int(total[0]))
     return b - b.mean()
 
 
