@@ -193,7 +193,9 @@ def fit_command(
             if other is not None:
                 check_not_input(output, other)
     start = time.perf_counter()
-    outputs = read_outputs(val, read_options(logits, labels, prob_prefix, classes))
+    outputs = read_outputs(
+        val, read_options(logits, labels, prob_prefix, classes), require_labels=not unlabelled
+    )
     if method in ("elaborated", "naive"):
         _fit_paper(outputs, method, paper, output, val, start, as_json)
         return

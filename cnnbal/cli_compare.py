@@ -272,7 +272,7 @@ def _provenance(result) -> dict:
         "max_total_drop": result.max_total_drop,
         "n_folds": result.n_folds,
         "seed": result.seed,
-        "cv_change": {item.method: item.cv.mean_change for item in result.results},
+        "cv_change": {item.method: item.cv.pooled_change for item in result.results},
         "eligible": {item.method: item.eligible for item in result.results},
     }
 
@@ -311,15 +311,7 @@ def build_table(result, val: Path, test: Path | None):
 
     from cnnbal.compare import TEST_METRICS
 
-    title = (
-        f"{val.name}: n={result.n_val:,}, K={result.n_classes}; cv = nested "
-        f"{result.n_folds}-fold CV on VAL"
-    )
-    if test is not None:
-        title += f"; test = {test.name} (n={result.n_test:,})"
     table = Table(
-        title=title,
-        title_justify="left",
         box=box.SIMPLE_HEAD,  # a rule under the header, one space between columns
         padding=(0, 0),
         show_edge=False,
@@ -340,7 +332,7 @@ def build_table(result, val: Path, test: Path | None):
     table.add_row(*raw_row, "", style="dim", end_section=True)
     for item in result.results:
         recommended = item.method == result.recommended
-        change = item.cv.mean_change
+        change = item.cv.pooled_change
         cells = [
             f"{item.method}{' *' if recommended else ''}\n  {_hyper(item)}",
             "✓" if item.eligible else "✗",
@@ -358,10 +350,14 @@ def build_table(result, val: Path, test: Path | None):
 
 
 def _print_human(console, result, val: Path, test: Path | None, seconds: float) -> None:
+    head = f"VAL {val.name} (n={result.n_val:,}, K={result.n_classes})"
+    if test is not None:
+        head += f", TEST {test.name} (n={result.n_test:,})"
+    console.print(f"{head}; cv: nested {result.n_folds}-fold CV on VAL", highlight=False)
     console.print(build_table(result, val, test))
     lines = [
-        "cv: mean change vs raw in points over the held-out folds (each refits the method, "
-        "its CV choice included). ok: CV total accuracy at most "
+        "cv: change vs raw in points of the held-out predictions of all folds (each fold refits "
+        "the method, its CV choice included). ok: CV total accuracy at most "
         f"{result.max_total_drop:g} pts below raw.",
     ]
     if test is not None:
@@ -391,7 +387,7 @@ def _decision(result) -> str:
             "raw outputs; keep them (no correction)."
         )
     item = result.result(result.recommended)
-    change = item.cv.mean_change
+    change = item.cv.pooled_change
     return (
         f"Recommended (VAL only, best CV {result.objective}, {limit}): {item.method} "
         f"({_hyper(item)}): CV {result.objective} {_pts(change[score])} pts, total "

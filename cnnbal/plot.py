@@ -297,8 +297,9 @@ def plot_compare(
             if metric in item.cv.score_names:
                 column = item.cv.score_names.index(metric)
                 diffs = 100 * (item.cv.fold_scores[:, column] - item.cv.raw_fold_scores[:, column])
+                pooled = 100 * (item.cv.pooled_scores[column] - item.cv.raw_pooled_scores[column])
                 ax.errorbar(
-                    diffs.mean(),
+                    pooled,
                     row + 0.18,
                     xerr=diffs.std(),
                     fmt="D",
