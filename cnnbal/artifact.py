@@ -78,6 +78,8 @@ MAX_ARTIFACT_BYTES = 1 << 30
 # re-compressed file or a decompression bomb has them.
 _DEFLATE_FREE = 16 << 20
 _DEFLATE_RATIO = 50
+# A string (a JSON field, a class name) longer than this is not metadata.
+_MAX_STRING_BYTES = 16 << 20
 # Correction parameters beyond these magnitudes overflow the arithmetic (an
 # H entry of 1e300 turns every corrected row into NaN); fitted ones are O(10).
 _MAX_PARAM_ABS = 1e6
@@ -545,6 +547,8 @@ class _MemberReader:
                 raise CnnbalError(
                     f"{where} is {_dtype_words(dtype)}, expected {_kind_words(kinds)}"
                 )
+            if dtype.kind == "U" and dtype.itemsize > _MAX_STRING_BYTES:
+                raise CnnbalError(f"{where} is a string of {dtype.itemsize:,} bytes; refusing")
             expected = self._expected_shape(spec)
             if tuple(shape) != expected:
                 raise CnnbalError(f"{where} has shape {tuple(shape)}, expected {expected}")

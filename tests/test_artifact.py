@@ -280,12 +280,13 @@ def _npy_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
-def _with_header_shape(array: np.ndarray, shape) -> bytes:
-    """A .npy whose header declares ``shape`` but whose data is ``array``'s (tiny)."""
+def _with_header_shape(array: np.ndarray, shape, descr: str | None = None) -> bytes:
+    """A .npy whose header declares ``shape`` (and ``descr``) but whose data is ``array``'s."""
     import io
 
     buffer = io.BytesIO()
-    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False}
+    descr = descr or np.lib.format.dtype_to_descr(array.dtype)
+    header = {"descr": descr, "fortran_order": False}
     np.lib.format.write_array_header_1_0(buffer, {**header, "shape": tuple(shape)})
     return buffer.getvalue() + array.tobytes()
 
@@ -361,6 +362,11 @@ def test_a_huge_declared_shape_is_refused_before_reading(tmp_path, artifact):
     good = save_artifact(tmp_path / "good.npz", artifact)
     with zipfile.ZipFile(good) as zf:
         members = {i.filename: zf.read(i) for i in zf.infolist()}
+    members["params.npy"] = _with_header_shape(np.zeros(1), (), descr="<U99999999")
+    _zip(tmp_path / "long.npz", members)
+    with pytest.raises(CnnbalError, match=r"^long.npz: .*params is a string of 399,999,996 bytes"):
+        load_artifact(tmp_path / "long.npz")
+    members["params.npy"] = _npy_bytes(np.array("{}"))
     members["H.npy"] = _with_header_shape(np.zeros(4), (100_000, 100_001))
     _zip(tmp_path / "huge.npz", members)
     with pytest.raises(CnnbalError, match=r"^huge.npz: .*H has shape \(100000, 100001\)"):
