@@ -310,7 +310,7 @@ def _describe_correction(correction: Correction, class_names) -> dict:
 
     def extreme(values: np.ndarray, pick) -> str:
         k = int(pick(values))
-        return f"{k} {class_names[k]}" if class_names else str(k)
+        return f"{k} ({class_names[k]})" if class_names else str(k)
 
     if correction.kind == "affine":
         H = p["H"]

@@ -203,7 +203,7 @@ def test_describe_reports_each_kind_in_its_own_terms():
     bias = _kind_artifact(KIND_EXAMPLES["logit_bias"]).describe()
     assert bias["kind"] == "logit_bias" and bias["temperature"] == 1.25
     assert (bias["bias_min"], bias["bias_max"], bias["bias_range"]) == (-2.0, 1.5, 3.5)
-    assert bias["bias_lowest_class"] == "4 e" and bias["bias_highest_class"] == "3 d"
+    assert bias["bias_lowest_class"] == "4 (e)" and bias["bias_highest_class"] == "3 (d)"
     assert "h_max_abs" not in bias and "apply_gate" not in bias
     assert _kind_artifact(KIND_EXAMPLES["temperature"]).describe()["temperature"] == 2.5
     scaling = _kind_artifact(KIND_EXAMPLES["vector_scaling"]).describe()
