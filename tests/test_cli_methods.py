@@ -245,4 +245,4 @@ def test_subprocess_fit_method_apply_evaluate(tmp_path):
     # on the bundled data the balancing bias lifts the weakest classes
     assert metrics["worst20_accuracy"]["corrected"] > metrics["worst20_accuracy"]["raw"]
     info = cnnbal("info", tmp_path / "C.npz")
-    assert info.returncode == 0 and "bias_range" in info.stdout
+    assert info.returncode == 0 and "logit_bias" in info.stdout and "eta" in info.stdout
