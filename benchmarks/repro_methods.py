@@ -80,7 +80,7 @@ def one_seed(probs, labels, seed, methods, with_recommend) -> dict:
         out["recommend_seconds"] = time.perf_counter() - start
         out["recommended"] = recommend(estimates)
         out["cv_change"] = {
-            e.method: {k: 100.0 * v for k, v in e.pooled_change.items()} for e in estimates
+            e.method: {k: 100.0 * v for k, v in e.mean_change.items()} for e in estimates
         }
     return out
 
