@@ -122,7 +122,8 @@ class MethodFit:
         One of :data:`METHOD_NAMES`.
     correction : Correction
     hyper : dict of str to float
-        The hyper-parameter values used (given or chosen by CV).
+        The hyper-parameter values used (given or chosen by CV); a value CV could
+        not choose (nothing eligible: the zero bias is used) is left out.
     chosen_by_cv : bool
         True when at least one value came from cross-validation.
     cv : dict or None
@@ -364,7 +365,7 @@ def _fit_method(
         )
         notes += cv_notes
         if choice_value is None:
-            hyper[name] = float("nan")
+            # no value is used: the hyper-parameter stays out of ``hyper``
             correction = Correction.identity(n_classes)
             return MethodFit(
                 method=method,
