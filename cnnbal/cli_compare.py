@@ -272,7 +272,7 @@ def _provenance(result) -> dict:
         "max_total_drop": result.max_total_drop,
         "n_folds": result.n_folds,
         "seed": result.seed,
-        "cv_change": {item.method: item.cv.pooled_change for item in result.results},
+        "cv_change": {item.method: item.cv.mean_change for item in result.results},
         "eligible": {item.method: item.eligible for item in result.results},
     }
 
@@ -332,7 +332,7 @@ def build_table(result, val: Path, test: Path | None):
     table.add_row(*raw_row, "", style="dim", end_section=True)
     for item in result.results:
         recommended = item.method == result.recommended
-        change = item.cv.pooled_change
+        change = item.cv.mean_change
         cells = [
             f"{item.method}{' *' if recommended else ''}\n  {_hyper(item)}",
             "✓" if item.eligible else "✗",
@@ -356,8 +356,8 @@ def _print_human(console, result, val: Path, test: Path | None, seconds: float) 
     console.print(f"{head}; cv: nested {result.n_folds}-fold CV on VAL", highlight=False)
     console.print(build_table(result, val, test))
     lines = [
-        "cv: change vs raw in points of the held-out predictions of all folds (each fold refits "
-        "the method, its CV choice included). ok: CV total accuracy at most "
+        "cv: mean change vs raw in points over the held-out folds (each fold refits the method, "
+        "its CV choice included). ok: CV total accuracy at most "
         f"{result.max_total_drop:g} pts below raw.",
     ]
     if test is not None:
@@ -387,7 +387,7 @@ def _decision(result) -> str:
             "raw outputs; keep them (no correction)."
         )
     item = result.result(result.recommended)
-    change = item.cv.pooled_change
+    change = item.cv.mean_change
     return (
         f"Recommended (VAL only, best CV {result.objective}, {limit}): {item.method} "
         f"({_hyper(item)}): CV {result.objective} {_pts(change[score])} pts, total "

@@ -6,8 +6,8 @@ For each method of :data:`cnnbal.methods.METHOD_NAMES` (or a chosen subset):
    not given are chosen by stratified k-fold CV on VAL);
 2. estimate what it does to new data by nested cross-validation on VAL
    (:func:`cnnbal.methods.cross_validate`: each outer fold refits the method,
-   its hyper-parameter choice included, on the other folds; the held-out
-   predictions of all folds are scored together);
+   its hyper-parameter choice included, on the other folds, and scores the
+   held-out fold; the estimate is the mean over folds);
 3. recommend the method with the best cross-validated objective among those
    whose cross-validated total accuracy stays within ``max_total_drop``
    points of raw (:func:`cnnbal.methods.recommend`, the rule of ``cnnbal
@@ -101,10 +101,10 @@ class MethodResult:
     fit : MethodFit
         Fitted on all of VAL (what ``-o`` writes when it is recommended).
     cv : CVEstimate
-        Nested cross-validated raw and corrected scores on VAL (reported:
-        the scores of the pooled out-of-fold predictions).
+        Nested cross-validated raw and corrected scores on VAL (reported: their
+        means over the held-out folds).
     eligible : bool
-        CV total accuracy at most ``max_total_drop`` points below raw.
+        Mean CV total accuracy at most ``max_total_drop`` points below raw.
     seconds : float
         Wall time of the fit on all of VAL plus the nested CV.
     test : TestResult or None
@@ -159,9 +159,8 @@ class MethodComparison:
 
     @property
     def raw_cv(self) -> dict[str, float]:
-        """The raw outputs' scores on VAL, pooled over the held-out folds."""
-        cv = self.results[0].cv
-        return dict(zip(cv.score_names, cv.raw_pooled_scores.tolist(), strict=True))
+        """The raw outputs' mean scores over the held-out folds of VAL (the same folds for all)."""
+        return self.results[0].cv.mean_raw
 
     @property
     def raw_test(self) -> dict[str, float] | None:
@@ -182,13 +181,11 @@ class MethodComparison:
                 "chosen_by_cv": item.fit.chosen_by_cv,
                 "hyper_cv": item.fit.cv,
                 "cv_estimate": {
-                    "scoring": "pooled out-of-fold predictions of a nested CV on VAL",
-                    "raw": dict(zip(SCORE_NAMES, item.cv.raw_pooled_scores.tolist(), strict=True)),
-                    "corrected": dict(
-                        zip(SCORE_NAMES, item.cv.pooled_scores.tolist(), strict=True)
-                    ),
-                    "change": item.cv.pooled_change,
-                    "fold_mean_change": item.cv.mean_change,
+                    "scoring": "mean over the held-out folds of a nested CV on VAL",
+                    "raw": item.cv.mean_raw,
+                    "corrected": item.cv.mean,
+                    "change": item.cv.mean_change,
+                    "pooled_change": item.cv.pooled_change,
                     "raw_fold_scores": item.cv.raw_fold_scores.tolist(),
                     "fold_scores": item.cv.fold_scores.tolist(),
                     "hyper_per_fold": list(item.cv.hyper_per_fold),
@@ -325,10 +322,10 @@ def compare_methods(
     # the decision: VAL only, before TEST is looked at
     estimates = [estimate for _, _, estimate, _ in fitted]
     recommended = recommend(estimates, objective=objective, max_total_drop=max_total_drop)
-    # the eligibility recommend() applies: pooled out-of-fold scores as one "fold"
+    # the eligibility recommend() applies (cnnbal.sweep.choose on the fold scores)
     eligible = choose(
-        np.stack([e.pooled_scores for e in estimates])[:, None, :],
-        estimates[0].raw_pooled_scores[None, :],
+        np.stack([e.fold_scores for e in estimates]),
+        estimates[0].raw_fold_scores,
         objective=objective,
         max_total_drop=max_total_drop,
     ).eligible

@@ -243,10 +243,11 @@ def plot_compare(
     """Write ``cnnbal compare`` as one panel per metric, one row per method.
 
     Each row shows the method's change against raw in percentage points: the
-    cross-validated estimate on VAL (hollow diamond, bar: the spread of the
-    change over folds) and, when TEST was given, the change on TEST (dot, bar:
-    the 95% paired bootstrap interval). The recommended method's label is
-    bold; ineligible methods (CV total below the limit) are greyed.
+    cross-validated estimate on VAL (hollow diamond: the mean over the held-out
+    folds; bar: the spread of the change over folds) and, when TEST was given,
+    the change on TEST (dot, bar: the 95% paired bootstrap interval). The
+    recommended method's label is bold; ineligible methods (CV total below the
+    limit) are greyed.
 
     Parameters
     ----------
@@ -297,9 +298,8 @@ def plot_compare(
             if metric in item.cv.score_names:
                 column = item.cv.score_names.index(metric)
                 diffs = 100 * (item.cv.fold_scores[:, column] - item.cv.raw_fold_scores[:, column])
-                pooled = 100 * (item.cv.pooled_scores[column] - item.cv.raw_pooled_scores[column])
                 ax.errorbar(
-                    pooled,
+                    diffs.mean(),
                     row + 0.18,
                     xerr=diffs.std(),
                     fmt="D",

@@ -54,7 +54,7 @@ def test_every_method_is_fitted_cross_validated_and_tested(sample, full_run):
         # the fit on all of VAL is fit_method's, the estimate cross_validate's (same folds)
         assert item.fit.correction == fit_method(item.method, val_probs, val_labels).correction
         np.testing.assert_array_equal(
-            item.cv.pooled_scores, cross_validate(item.method, val_probs, val_labels).pooled_scores
+            item.cv.fold_scores, cross_validate(item.method, val_probs, val_labels).fold_scores
         )
         # test metrics are metrics.compare of the fitted correction, computed independently
         corrected = item.fit.correction.apply(test_probs)
@@ -81,10 +81,10 @@ def test_the_recommendation_is_recommend_on_the_cv_estimates(sample, full_run):
     assert full_run.recommended is not None  # on the sample data a method does beat raw
     best = full_run.result(full_run.recommended)
     assert best.eligible
-    objective = best.cv.pooled_change["worst20_accuracy"]
+    objective = best.cv.mean_change["worst20_accuracy"]
     for item in full_run.results:
         if item.eligible:
-            assert item.cv.pooled_change["worst20_accuracy"] <= objective + 1e-12
+            assert item.cv.mean_change["worst20_accuracy"] <= objective + 1e-12
 
 
 def test_the_recommendation_never_depends_on_test(sample):
