@@ -6,6 +6,7 @@ command runs.
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -44,10 +45,16 @@ def extract_command(
             show_default=False,
         ),
     ],
-    out: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="The parquet file to write.", show_default=False),
-    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The .parquet file to write (extract writes parquet only: the class names "
+            "live in its metadata).",
+            show_default=False,
+        ),
+    ] = None,
     weights: Annotated[
         Path | None,
         typer.Option(
@@ -120,6 +127,26 @@ def extract_command(
         bool,
         typer.Option("--skip-bad", help="Skip and count unreadable images instead of failing."),
     ] = False,
+    tf32: Annotated[
+        bool,
+        typer.Option(
+            "--tf32/--no-tf32",
+            help="Let CUDA convolutions and matmuls use TF32: faster on Ampere and later, "
+            "probabilities about 1e-4 from the CPU's. Default: IEEE float32.",
+        ),
+    ] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object on stdout (output, rows, classes, device, precision, "
+            "seconds, images/s, skipped).",
+        ),
+    ] = False,
+    out_deprecated: Annotated[
+        Path | None,
+        typer.Option("--out", hidden=True, help="Deprecated spelling of -o/--output."),
+    ] = None,
 ) -> None:
     """Run an image classifier over images and write its softmax outputs to parquet.
 
@@ -130,10 +157,17 @@ def extract_command(
     in the file's metadata: the input of `cnnbal fit`, `apply` and `evaluate`.
     """
     try:
+        if out_deprecated is not None:
+            if output is not None:
+                raise CnnbalError("--out: deprecated spelling of -o/--output; give only -o")
+            typer.echo("warning: --out is deprecated; use -o/--output", err=True)
+            output = out_deprecated
+        if output is None:
+            raise CnnbalError("-o/--output: missing; name the .parquet file to write")
         report = _run(
             model=model,
             data=data,
-            out=out,
+            out=output,
             weights=weights,
             labels=labels,
             classes=classes,
@@ -146,25 +180,65 @@ def extract_command(
             batch_size=batch_size,
             workers=workers,
             amp=None if amp is Amp.none else amp.value,
+            tf32=tf32,
             save_logits=save_logits,
             skip_bad=skip_bad,
         )
     except CnnbalError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+        _fail(str(error), json_output)
+    except OSError as error:  # the environment, not a bug: a folder that cannot be read
+        where = f"{error.filename}: " if error.filename else ""
+        _fail(f"{where}{error.strerror or error}", json_output)
     except KeyboardInterrupt:  # the API has removed its temporary file
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
     skipped = f", skipped {report.n_skipped} unreadable" if report.n_skipped else ""
     typer.echo(
-        f"extracted {report.n_images} images{skipped} on {report.device} in "
-        f"{report.seconds:.1f} s ({report.images_per_second:.0f} images/s) -> {out}",
+        f"extracted {report.n_images} images{skipped} on {report.device} ({report.precision}) "
+        f"in {report.seconds:.1f} s ({report.images_per_second:.0f} images/s) -> {output}",
         err=True,
     )
     for path in report.skipped[:5]:
         typer.echo(f"skipped: {path}", err=True)
     if report.n_skipped > 5:
         typer.echo(f"skipped: ... and {report.n_skipped - 5} more", err=True)
+    if json_output:
+        from cnnbal._cli_common import print_json
+
+        print_json(report_json(report, amp.value))
+
+
+def report_json(report, amp: str) -> dict:
+    """The ``--json`` object of a finished run."""
+    return {
+        "output": report.output,
+        "rows": report.n_images,
+        "skipped": report.n_skipped,
+        "skipped_paths": list(report.skipped),
+        "n_classes": report.n_classes,
+        "classes": report.class_names,
+        "device": report.device,
+        "amp": amp,
+        "precision": report.precision,
+        "batch_size": report.batch_size,
+        "workers": report.workers,
+        "seconds": report.seconds,
+        "setup_seconds": report.setup_seconds,
+        "images_per_second": report.images_per_second,
+        "notes": list(report.notes),
+    }
+
+
+def _fail(message: str, json_output: bool):
+    """One line on stderr, exit 2; with --json also an error object on stdout for CI parsers."""
+    typer.echo(f"error: {message}", err=True)
+    if json_output:
+        from cnnbal._cli_common import print_json
+
+        print_json({"error": message, "exit_code": 2})
+    raise typer.Exit(2) from None
 
 
 def _run(*, model, data, out, weights, labels, classes, mean, std, size, crop, channels, **options):
@@ -178,23 +252,35 @@ def _run(*, model, data, out, weights, labels, classes, mean, std, size, crop, c
         std=None if std is None else tuple(parse_floats(std, "--std")),
         channels=channels,
     )
-    out_resolved = out.resolve()
-    for input_path in (Path(model), weights):
-        if input_path is not None and input_path.exists() and input_path.resolve() == out_resolved:
-            raise CnnbalError(f"{out}: is an input file; choose another output path")
+    # every file named on the command line; the output may be none of them
+    inputs = tuple(path for path in (Path(model), weights, labels, classes) if path is not None)
+    inputs = tuple(path for path in inputs if path.exists())
+    api.check_output_path(out, None, inputs)
     names = None
     if classes is not None:
         from cnnbal.io import read_class_names
 
         names = read_class_names(classes)
     source = api.discover(data, labels_path=labels, class_names=names)
-    loaded = api.load_model(model, weights)
+    api.check_output_path(out, source, inputs)
+    # resolved before loading: a TorchScript archive is loaded straight onto it
+    device = api.resolve_device(options.pop("device"))
+    loaded = api.load_model(model, weights, device=device)
+    run = functools.partial(
+        api.extract,
+        loaded,
+        source,
+        out,
+        preprocessing=preprocessing,
+        device=device,
+        inputs=inputs,
+        model_name=model,
+        **options,
+    )
     if not show_progress():
-        return api.extract(loaded, source, out, preprocessing=preprocessing, **options)
+        return run()
     with _progress_bar(len(source)) as update:
-        return api.extract(
-            loaded, source, out, preprocessing=preprocessing, progress=update, **options
-        )
+        return run(progress=update)
 
 
 @contextmanager

@@ -60,7 +60,7 @@ from cnnbal.extract.preprocessing import (
 )
 from cnnbal.extract.run import ExtractReport, ProgressCallback, extract
 from cnnbal.extract.sources import IMAGE_EXTENSIONS, ImageSource, discover
-from cnnbal.extract.writer import MAX_ROWS_PER_GROUP, OUTPUT_SUFFIX
+from cnnbal.extract.writer import MAX_ROWS_PER_GROUP, OUTPUT_SUFFIX, check_output_path
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -73,6 +73,7 @@ __all__ = [
     "ImageSource",
     "Preprocessing",
     "ProgressCallback",
+    "check_output_path",
     "discover",
     "extract",
     "load_image",
