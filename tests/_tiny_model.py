@@ -96,3 +96,8 @@ def make_flat_model() -> nn.Module:
 
 def raising_factory() -> nn.Module:
     raise ValueError("checkpoint directory not configured")
+
+
+def make_nan_model() -> PoisonedNet:
+    """A factory whose model returns NaN for the second image of every batch (in float32)."""
+    return PoisonedNet(row=1, value=float("nan")).eval()
