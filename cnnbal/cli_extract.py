@@ -253,7 +253,8 @@ def _run(*, model, data, out, weights, labels, classes, mean, std, size, crop, c
         channels=channels,
     )
     # every file named on the command line; the output may be none of them
-    inputs = tuple(path for path in (Path(model), weights, labels, classes) if path is not None)
+    inputs = (Path(model), weights, labels, classes, data if data.is_file() else None)
+    inputs = tuple(path for path in inputs if path is not None)
     inputs = tuple(path for path in inputs if path.exists())
     api.check_output_path(out, None, inputs)
     names = None
