@@ -208,7 +208,10 @@ def device_error(error: Exception, model_name: str, device, batch_size: int | No
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     message = first_line(error)
     lowered = message.lower()
-    if isinstance(error, out_of_memory) or "out of memory" in lowered:
+    # CUDA's OutOfMemoryError, MPS's "out of memory", the CPU's "can't allocate memory"
+    if isinstance(error, out_of_memory) or any(
+        text in lowered for text in ("out of memory", "can't allocate memory")
+    ):
         if batch_size is None or batch_size <= 1:
             hint = "free the device or use a smaller model"
         else:

@@ -236,6 +236,7 @@ def test_out_of_memory_is_one_line_with_a_batch_size_hint(class_folder, tmp_path
             "the model mixes devices",
         ),
         (torch.OutOfMemoryError("CUDA out of memory."), "lower --batch-size"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"), "--batch-size 2"),
         (RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable"), "busy"),
     ],
 )
