@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from cnnbal._cli_common import parse_floats, show_progress
+from cnnbal._cli_common import QuietOpt, handle_errors, parse_floats, print_json, show_progress
 from cnnbal.errors import CnnbalError
 
 
@@ -27,6 +27,7 @@ class Amp(str, Enum):
     fp16 = "fp16"
 
 
+@handle_errors
 def extract_command(
     model: Annotated[
         str,
@@ -135,7 +136,7 @@ def extract_command(
             "probabilities about 1e-4 from the CPU's. Default: IEEE float32.",
         ),
     ] = False,
-    json_output: Annotated[
+    as_json: Annotated[
         bool,
         typer.Option(
             "--json",
@@ -143,6 +144,7 @@ def extract_command(
             "seconds, images/s, skipped).",
         ),
     ] = False,
+    quiet: QuietOpt = False,
     out_deprecated: Annotated[
         Path | None,
         typer.Option("--out", hidden=True, help="Deprecated spelling of -o/--output."),
@@ -156,42 +158,42 @@ def extract_command(
     known), probs, logits (with --save-logits) and path, with the class names
     in the file's metadata: the input of `cnnbal fit`, `apply` and `evaluate`.
     """
-    try:
-        if out_deprecated is not None:
-            if output is not None:
-                raise CnnbalError("--out: deprecated spelling of -o/--output; give only -o")
+    if out_deprecated is not None:
+        if output is not None:
+            raise CnnbalError("--out: deprecated spelling of -o/--output; give only -o")
+        if not quiet:
             typer.echo("warning: --out is deprecated; use -o/--output", err=True)
-            output = out_deprecated
-        if output is None:
-            raise CnnbalError("-o/--output: missing; name the .parquet file to write")
-        report = _run(
-            model=model,
-            data=data,
-            out=output,
-            weights=weights,
-            labels=labels,
-            classes=classes,
-            size=size,
-            crop=crop,
-            mean=mean,
-            std=std,
-            channels=channels,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            amp=None if amp is Amp.none else amp.value,
-            tf32=tf32,
-            save_logits=save_logits,
-            skip_bad=skip_bad,
-        )
-    except CnnbalError as error:
-        _fail(str(error), json_output)
-    except OSError as error:  # the environment, not a bug: a folder that cannot be read
-        where = f"{error.filename}: " if error.filename else ""
-        _fail(f"{where}{error.strerror or error}", json_output)
-    except KeyboardInterrupt:  # the API has removed its temporary file
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+        output = out_deprecated
+    if output is None:
+        raise CnnbalError("-o/--output: missing; name the .parquet file to write")
+    report = _run(
+        model=model,
+        data=data,
+        out=output,
+        weights=weights,
+        labels=labels,
+        classes=classes,
+        size=size,
+        crop=crop,
+        mean=mean,
+        std=std,
+        channels=channels,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        amp=None if amp is Amp.none else amp.value,
+        tf32=tf32,
+        save_logits=save_logits,
+        skip_bad=skip_bad,
+        quiet=quiet,
+    )
+    if not quiet:
+        _print_summary(report, output)
+    if as_json:
+        print_json(report_json(report, amp.value))
+
+
+def _print_summary(report, output: Path) -> None:
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     skipped = f", skipped {report.n_skipped} unreadable" if report.n_skipped else ""
@@ -204,10 +206,6 @@ def extract_command(
         typer.echo(f"skipped: {path}", err=True)
     if report.n_skipped > 5:
         typer.echo(f"skipped: ... and {report.n_skipped - 5} more", err=True)
-    if json_output:
-        from cnnbal._cli_common import print_json
-
-        print_json(report_json(report, amp.value))
 
 
 def report_json(report, amp: str) -> dict:
@@ -231,17 +229,9 @@ def report_json(report, amp: str) -> dict:
     }
 
 
-def _fail(message: str, json_output: bool):
-    """One line on stderr, exit 2; with --json also an error object on stdout for CI parsers."""
-    typer.echo(f"error: {message}", err=True)
-    if json_output:
-        from cnnbal._cli_common import print_json
-
-        print_json({"error": message, "exit_code": 2})
-    raise typer.Exit(2) from None
-
-
-def _run(*, model, data, out, weights, labels, classes, mean, std, size, crop, channels, **options):
+def _run(
+    *, model, data, out, weights, labels, classes, mean, std, size, crop, channels, quiet, **options
+):
     from cnnbal import extract as api
 
     api.require_torch()
@@ -278,7 +268,7 @@ def _run(*, model, data, out, weights, labels, classes, mean, std, size, crop, c
         model_name=model,
         **options,
     )
-    if not show_progress():
+    if quiet or not show_progress():
         return run()
     with _progress_bar(len(source)) as update:
         return run(progress=update)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnbal._install import install_hint
 from cnnbal.errors import CnnbalError
 
 if TYPE_CHECKING:
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INSTALL_HINT = "pip install 'cnnbal[extract]'"
+#: How to install torch and Pillow (the editable form from a source checkout).
+INSTALL_HINT = install_hint("extract")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -301,6 +301,12 @@ def test_json_reports_skipped_images(scripted_path, class_folder, tmp_path):
     assert summary["amp"] == "bf16" and summary["precision"] == "bf16"
 
 
+def test_quiet_prints_nothing_but_the_json(scripted_path, flat_folder, tmp_path):
+    result = run_cpu(scripted_path, flat_folder, "-o", tmp_path / "p.parquet", "-q", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and json.loads(result.stdout)["rows"] == 4
+
+
 def test_json_on_an_error(scripted_path, flat_folder, tmp_path):
     result = run_cpu(scripted_path, flat_folder, "-o", tmp_path / "p.csv", "--json")
     assert result.exit_code == 2
