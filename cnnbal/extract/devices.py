@@ -234,9 +234,12 @@ def device_error(error: Exception, model_name: str, device, batch_size: int | No
             "exclusive-process mode and used by another process: choose another with "
             "--device cuda:N, or wait"
         )
-    where = "moving the model" if batch_size is None else f"a batch of {batch_size} images"
+    if batch_size is None:
+        return CnnbalError(
+            f"{model_name}: cannot move the model to {device} ({type(error).__name__}: {message})"
+        )
     return CnnbalError(
-        f"{model_name}: the model failed on {device} with {where} "
+        f"{model_name}: the model failed on {device} with a batch of {batch_size} images "
         f"({type(error).__name__}: {message}); check --channels, --size and --crop "
         "against the input the model expects"
     )

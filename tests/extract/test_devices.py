@@ -269,6 +269,16 @@ def test_a_busy_device_when_moving_the_model(monkeypatch, flat_folder, tmp_path)
     assert "--device cuda:N" in str(refused.value)
 
 
+@pytest.mark.skipif(torch.backends.cuda.is_built(), reason="the move would succeed here")
+def test_a_model_that_cannot_be_moved(monkeypatch, model, flat_folder, tmp_path):
+    install_fake_cuda(monkeypatch)  # CUDA "available" to a torch built without it
+    with pytest.raises(CnnbalError) as refused:
+        api.extract(model, api.discover(flat_folder), tmp_path / "p.parquet",
+                    device="cuda:0", model_name="net.pt")  # fmt: skip
+    assert str(refused.value).startswith("net.pt: cannot move the model to cuda:0 (")
+    assert next(model.parameters()).device.type == "cpu"
+
+
 # ---------------------------------------------------------------------------
 # 4. A GPU-safe suite: device choice, the caller's model given back.
 
