@@ -30,13 +30,15 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnnbal import __version__
-from cnnbal.core import FitParams, FitResult
 from cnnbal.errors import CnnbalError
-from cnnbal.io import atomic_output
+
+if TYPE_CHECKING:  # `cnnbal info` reads an artifact without the core or the io package
+    from cnnbal.core import FitParams, FitResult
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Artifact", "load_artifact", "save_artifact"]
 
@@ -85,6 +87,8 @@ class Artifact:
         """The parameters as :class:`FitParams` (None for a method without them)."""
         if self.method != "elaborated":
             return None
+        from cnnbal.core import FitParams
+
         return FitParams(**{k: float(self.params[k]) for k in ("r_low", "r_high", "beta", "alpha")})
 
     @classmethod
@@ -168,6 +172,8 @@ def save_artifact(path: str | os.PathLike, artifact: Artifact) -> Path:
         "created": np.array(artifact.created),
         "provenance": np.array(json.dumps(artifact.provenance, sort_keys=True)),
     }
+    from cnnbal.io import atomic_output
+
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return path

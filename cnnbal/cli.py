@@ -44,6 +44,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    # Plain help and usage errors (as click, sqlite-utils): typer's rich help
+    # imports rich.markdown, markdown_it and pygments, about as long as numpy
+    # itself, on every --help and every usage error (benchmarks/bench_startup.py).
+    rich_markup_mode=None,
 )
 plain_flags_in_help()
 
@@ -124,7 +128,7 @@ def fit_command(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fit the correction H on validation outputs (docs/method.md 1-2)."""
+    """Fit the correction H on validation outputs (docs/method.md sections 2-3)."""
     from cnnbal.artifact import save_artifact
     from cnnbal.core import METHODS, FitParams
     from cnnbal.errors import CnnbalError

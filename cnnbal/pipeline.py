@@ -151,7 +151,7 @@ def check_compatible(artifact: Artifact, n_classes: int, class_names, source: Pa
 
 
 def correct(artifact: Artifact, probs: np.ndarray, *, clip: bool = True) -> np.ndarray:
-    """Apply an artifact's H with its gate (METHOD.md 3)."""
+    """Apply an artifact's H with its gate (docs/method.md section 4)."""
     return apply_correction(artifact.H, probs, artifact.apply_gate, clip=clip)
 
 

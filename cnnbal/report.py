@@ -40,7 +40,7 @@ _LOWER_IS_BETTER = LOWER_IS_BETTER
 #: at the table's width).
 COMPARISON_NOTE = (
     "low-20% (paper): classes picked on the RAW results of this file, so biased upward; "
-    "low-20% (val-chosen) and worst-20% are not (README, Metrics; docs/method.md)."
+    "low-20% (val-chosen) and worst-20% are not (README, Metrics; docs/method.md section 5)."
 )
 
 
