@@ -32,6 +32,7 @@ def extract_command(
     model: Annotated[
         str,
         typer.Argument(
+            metavar="MODEL",
             help="A TorchScript archive (torch.jit.save), or 'package.module:factory' "
             "(called with no arguments) together with --weights.",
             show_default=False,
@@ -40,6 +41,7 @@ def extract_command(
     data: Annotated[
         Path,
         typer.Argument(
+            metavar="DATA",
             help="An image folder with one subfolder per class (labels = sorted folder "
             "names), a flat image folder (no labels), or an .npy/.npz image array "
             "(N,H,W,C uint8 or N,C,H,W float in [0,1]; npz keys 'images', 'labels').",
@@ -54,6 +56,7 @@ def extract_command(
             help="The .parquet file to write (extract writes parquet only: the class names "
             "live in its metadata).",
             show_default=False,
+            metavar="FILE",
         ),
     ] = None,
     weights: Annotated[
@@ -61,19 +64,24 @@ def extract_command(
         typer.Option(
             "--weights",
             help="State dict for a factory model, read with torch.load(weights_only=True).",
+            metavar="FILE",
         ),
     ] = None,
     labels: Annotated[
         Path | None,
-        typer.Option("--labels", help="Labels for .npy images: a 1-D integer .npy file."),
+        typer.Option(
+            "--labels", help="Labels for .npy images: a 1-D integer .npy file.", metavar="FILE"
+        ),
     ] = None,
     size: Annotated[
         int | None,
-        typer.Option("--size", help="Resize so the shorter side is SIZE pixels (default: keep)."),
+        typer.Option(
+            "--size", help="Resize so the shorter side is N pixels (default: keep).", metavar="N"
+        ),
     ] = None,
     crop: Annotated[
         int | None,
-        typer.Option("--crop", help="Center-crop to CROP x CROP pixels (default: no crop)."),
+        typer.Option("--crop", help="Center-crop to N x N pixels (default: no crop).", metavar="N"),
     ] = None,
     mean: Annotated[
         str | None,
@@ -81,6 +89,7 @@ def extract_command(
             "--mean",
             help="Per-channel mean, comma-separated, on the [0,1] scale "
             "(default: ImageNet 0.485,0.456,0.406; their average for --channels 1).",
+            metavar="LIST",
         ),
     ] = None,
     std: Annotated[
@@ -89,18 +98,24 @@ def extract_command(
             "--std",
             help="Per-channel std, comma-separated (default: ImageNet 0.229,0.224,0.225; "
             "their average for --channels 1).",
+            metavar="LIST",
         ),
     ] = None,
     channels: Annotated[
-        int, typer.Option("--channels", help="3: convert images to RGB; 1: to grayscale.")
+        int,
+        typer.Option("--channels", help="3: convert images to RGB; 1: to grayscale.", metavar="N"),
     ] = 3,
     device: Annotated[
         str,
         typer.Option(
-            "--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."
+            "--device",
+            help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps.",
+            metavar="NAME",
         ),
     ] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Images per forward pass.", metavar="N")
+    ] = 64,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -108,10 +123,14 @@ def extract_command(
             help="Data loader processes decoding images; 0 decodes in-process "
             "(default: 0 on CPU, min(8, CPUs) on CUDA/MPS).",
             show_default=False,
+            metavar="N",
         ),
     ] = None,
     amp: Annotated[
-        Amp, typer.Option("--amp", help="Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA).")
+        Amp,
+        typer.Option(
+            "--amp", help="Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA).", metavar="NAME"
+        ),
     ] = Amp.none,
     classes: Annotated[
         Path | None,
@@ -119,6 +138,7 @@ def extract_command(
             "--classes",
             help="The model's class names, one per line, in output order (for flat folders "
             "and arrays; replaces folder names).",
+            metavar="FILE",
         ),
     ] = None,
     save_logits: Annotated[
