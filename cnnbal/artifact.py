@@ -51,12 +51,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cnnbal import __version__
-from cnnbal.core import FitParams, FitResult
 from cnnbal.corrections import Correction
 from cnnbal.errors import CnnbalError
-from cnnbal.io import atomic_output
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # `cnnbal info` reads an artifact without the core or the io package
+    from cnnbal.core import FitParams, FitResult
     from cnnbal.methods import MethodFit
 
 __all__ = [
@@ -187,6 +186,8 @@ class Artifact:
         """The elaborated fit's parameters as :class:`FitParams` (None for other methods)."""
         if self.method != "elaborated":
             return None
+        from cnnbal.core import FitParams
+
         return FitParams(**{k: float(self.params[k]) for k in ("r_low", "r_high", "beta", "alpha")})
 
     @classmethod
@@ -365,6 +366,8 @@ def save_artifact(path: str | os.PathLike, artifact: Artifact) -> Path:
         "created": np.array(artifact.created),
         "provenance": np.array(json.dumps(artifact.provenance, sort_keys=True)),
     }
+    from cnnbal.io import atomic_output
+
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return path

@@ -20,13 +20,19 @@ import typer
 
 from cnnbal._cli_common import (
     ClassesOpt,
+    DelimiterOpt,
     JsonOpt,
+    LabelColumnOpt,
     LabelsOpt,
     LogitsOpt,
     PrefixOpt,
+    QuietOpt,
+    RenormalizeOpt,
+    ScoreColumnOpt,
     handle_errors,
     print_json,
     read_options,
+    report_renormalized,
     show_progress,
     stderr_console,
 )
@@ -69,17 +75,22 @@ def compare_command(
             "--test",
             help="Also score every fitted method on these outputs (with bootstrap "
             "intervals). Never used for any choice.",
+            metavar="FILE",
         ),
     ] = None,
     methods: Annotated[
         str | None,
         typer.Option(
-            "--methods", help="Comma-separated methods to compare (default: all of them)."
+            "--methods",
+            help="Comma-separated methods to compare (default: all of them).",
+            metavar="LIST",
         ),
     ] = None,
     objective: Annotated[
         Objective,
-        typer.Option("--objective", help="What the recommendation maximises (CV mean on VAL)."),
+        typer.Option(
+            "--objective", help="What the recommendation maximises (cross-validated on VAL)."
+        ),
     ] = Objective.worst20,
     max_total_drop: Annotated[
         float,
@@ -90,18 +101,29 @@ def compare_command(
             metavar="PTS",
         ),
     ] = 0.5,
-    folds: Annotated[int, typer.Option("--folds", help="Stratified CV folds (>= 2).")] = 5,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of folds and bootstrap.")] = 0,
+    folds: Annotated[
+        int, typer.Option("--folds", help="Stratified CV folds (>= 2).", metavar="K")
+    ] = 5,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of folds and bootstrap.", metavar="N")
+    ] = 0,
     n_boot: Annotated[
-        int, typer.Option("--bootstrap", help="Bootstrap resamples of TEST.", min=100)
+        int,
+        typer.Option("--bootstrap", help="Bootstrap resamples of TEST.", min=100, metavar="N"),
     ] = 1000,
     prior: Annotated[
         str,
-        typer.Option("--prior", help="prior-match's target: uniform, val, or a FILE of K weights."),
+        typer.Option(
+            "--prior",
+            help="prior-match's target: uniform, val, or a FILE of K weights.",
+            metavar="PRIOR",
+        ),
     ] = "uniform",
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Write the recommended correction here (.npz)."),
+        typer.Option(
+            "-o", "--output", help="Write the recommended correction here (.npz).", metavar="FILE"
+        ),
     ] = None,
     plot: Annotated[
         Path | None,
@@ -109,17 +131,27 @@ def compare_command(
             "--plot",
             help="Draw the changes and their intervals, one row per method (PNG; needs the "
             "plot extra).",
+            metavar="FILE",
         ),
     ] = None,
     test_labels: Annotated[
         Path | None,
-        typer.Option("--test-labels", help="Labels for a .npy --test file (1-D integer .npy)."),
+        typer.Option(
+            "--test-labels",
+            help="Labels for a .npy --test file (1-D integer .npy).",
+            metavar="FILE",
+        ),
     ] = None,
     logits: LogitsOpt = False,
+    renormalize: RenormalizeOpt = False,
     labels: LabelsOpt = None,
+    label_column: LabelColumnOpt = None,
+    score_column: ScoreColumnOpt = None,
     prob_prefix: PrefixOpt = None,
+    delimiter: DelimiterOpt = None,
     classes: ClassesOpt = None,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Fit every correction method on VAL and put them side by side; recommend one.
 
@@ -151,22 +183,24 @@ def compare_command(
     if output is not None and plot is not None and output.resolve() == plot.resolve():
         raise CnnbalError(f"-o {output} and --plot {plot} name the same file")
 
-    from cnnbal.io import ReadOptions, file_sha256, read_outputs
+    from cnnbal.io import file_sha256, read_outputs
 
-    val_out = read_outputs(val, read_options(logits, labels, prob_prefix, classes))
+    reading = {
+        "renormalize": renormalize,
+        "label_column": label_column,
+        "score_column": score_column,
+        "delimiter": delimiter,
+    }
+    val_out = read_outputs(val, read_options(logits, labels, prob_prefix, classes, **reading))
+    report_renormalized(val_out.n_renormalized, val.name, quiet)
     if val_out.labels is None:
         raise CnnbalError(f"{val.name}: compare needs labels on VAL")
     test_out = None
     if test is not None:
         test_out = read_outputs(
-            test,
-            ReadOptions(
-                logits=logits,
-                labels_path=test_labels,
-                prob_prefix=prob_prefix,
-                classes_path=classes,
-            ),
+            test, read_options(logits, test_labels, prob_prefix, classes, **reading)
         )
+        report_renormalized(test_out.n_renormalized, test.name, quiet)
         if test_out.labels is None:
             raise CnnbalError(f"{test.name}: --test needs labels")
         if test_out.n_classes != val_out.n_classes:
@@ -190,7 +224,7 @@ def compare_command(
         "n_boot": n_boot,
         "prior": target,
     }
-    if show_progress() and not json_out:
+    if show_progress() and not json_out and not quiet:
         with stderr_console().status("compare") as status:
 
             def progress(method: str, index: int, total: int) -> None:
@@ -232,12 +266,12 @@ def compare_command(
             }
         )
         print_json(payload)
-        console = stderr_console()
+        console = stderr_console(quiet)
         for item in result.results:
             for note in item.fit.warnings:
                 console.print(f"[yellow]note ({item.method}):[/] {note}", highlight=False)
     else:
-        console = _console()
+        console = _console(quiet)
         _print_human(console, result, val, test, seconds)
         for item in result.results:
             for note in item.fit.warnings:
@@ -255,13 +289,13 @@ def compare_command(
         raise typer.Exit(1)
 
 
-def _console():
+def _console(quiet: bool = False):
     """stdout, laid out for TABLE_WIDTH columns also in a pipe (rich would use 80)."""
     from rich.console import Console
 
     if sys.stdout.isatty():
-        return Console(highlight=False)
-    return Console(width=TABLE_WIDTH, highlight=False)
+        return Console(highlight=False, quiet=quiet)
+    return Console(width=TABLE_WIDTH, highlight=False, quiet=quiet)
 
 
 def _provenance(result) -> dict:

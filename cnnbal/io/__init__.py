@@ -18,7 +18,7 @@ Every problem is a :class:`~cnnbal.errors.CnnbalError` whose message starts
 with the file name. Arrays leaving this module are validated: finite,
 non-negative, rows summing to 1 within :data:`ROW_SUM_TOLERANCE`, labels
 integer and in range; subnormal values are flushed to zero (they slow BLAS by
-2-4x, METHOD.md 6).
+2-4x, docs/method.md section 7.5).
 """
 
 from cnnbal.io.options import (
@@ -29,8 +29,14 @@ from cnnbal.io.options import (
     Outputs,
     ReadOptions,
 )
-from cnnbal.io.readers import Chunk, ChunkSource, iter_chunks, read_outputs
-from cnnbal.io.validation import read_class_names, softmax, validate_labels, validate_probs
+from cnnbal.io.readers import Chunk, ChunkSource, iter_chunks, read_npz_extras, read_outputs
+from cnnbal.io.validation import (
+    check_probs,
+    read_class_names,
+    softmax,
+    validate_labels,
+    validate_probs,
+)
 from cnnbal.io.writers import (
     TableWriter,
     atomic_output,
@@ -51,10 +57,12 @@ __all__ = [
     "TableWriter",
     "atomic_output",
     "check_not_input",
+    "check_probs",
     "file_sha256",
     "iter_chunks",
     "probs_columns",
     "read_class_names",
+    "read_npz_extras",
     "read_outputs",
     "softmax",
     "validate_labels",
