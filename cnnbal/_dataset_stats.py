@@ -37,6 +37,7 @@ from cnnbal.stats import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from cnnbal.corrections import Correction
     from cnnbal.engine import Engine
     from cnnbal.io import Dataset, Shard
 
@@ -158,17 +159,31 @@ def shard_eval_stats(
     *,
     options: ReadOptions,
     n_classes: int,
-    H: np.ndarray | None,
-    apply_gate: float,
+    correction: Correction | None,
+    h_name: str = "H",
     chunk_rows: int = CHUNK_ROWS,
 ) -> Counted:
-    """Evaluate one shard: raw and corrected (by ``H`` with its gate) sums."""
+    """Evaluate one shard: raw and corrected sums (None: raw only).
+
+    An affine correction goes through :meth:`EvalStats.from_outputs` (only the
+    rows below its gate are corrected); the other kinds correct every row.
+    """
+    from cnnbal.pipeline import check_finite_correction
+
     total, renormalized = EvalStats.empty(n_classes), [0]
     chunks = _chunks(
         shard, options, n_classes, chunk_rows, row_major=True, renormalized=renormalized
     )
     for probs, labels in chunks:
-        total = total.merge(EvalStats.from_outputs(probs, labels, H, apply_gate))
+        if correction is None:
+            part = EvalStats.from_chunk(probs, probs, labels, n_classes)
+        elif correction.kind == "affine":
+            part = EvalStats.from_outputs(probs, labels, correction.params["H"], correction.gate)
+        else:
+            corrected = correction.apply(probs)
+            check_finite_correction(corrected, correction.kind, h_name)
+            part = EvalStats.from_chunk(probs, corrected, labels, n_classes)
+        total = total.merge(part)
     return Counted(total, renormalized[0])
 
 
@@ -364,17 +379,17 @@ def evaluate_dataset(
 
     dataset = _as_dataset(dataset, options)
     n_classes = dataset.n_classes
-    H, gate, val_accuracy = None, float("inf"), None
+    correction, val_accuracy = None, None
     if artifact is not None:
         named = SimpleNamespace(name=dataset.label)  # check_compatible names it by .name
         check_compatible(artifact, n_classes, dataset.class_names, named, h_name)
-        H, gate, val_accuracy = artifact.H, artifact.apply_gate, artifact.val_class_accuracy
+        correction, val_accuracy = artifact.correction, artifact.val_class_accuracy
     worker = partial(
         shard_eval_stats,
         options=dataset.options,
         n_classes=n_classes,
-        H=H,
-        apply_gate=gate,
+        correction=correction,
+        h_name=h_name,
         chunk_rows=stream_chunk_rows(n_classes, chunk_rows),
     )
     counted = _run(engine, worker, dataset.shards)
