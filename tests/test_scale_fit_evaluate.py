@@ -197,3 +197,23 @@ def test_rows_renormalized_are_counted_over_every_shard(tmp_path, data):
     report = {}
     evaluate_dataset(folder, artifact, options=options, report=report)
     assert report == {"rows_renormalized": len(rounded[::10])}
+
+
+def test_every_correction_kind_evaluates_streamed_as_in_memory(shards, single, tmp_path):
+    import dataclasses
+
+    from cnnbal.artifact import save_artifact
+    from cnnbal.corrections import Correction
+
+    affine = fit_file(single)
+    for correction in (
+        Correction.temperature(1.7),
+        Correction.logit_bias(np.linspace(-0.5, 0.5, N_CLASSES), 1.2),
+    ):
+        artifact = dataclasses.replace(affine, correction=correction)
+        path = tmp_path / f"{correction.kind}.npz"
+        save_artifact(path, artifact)
+        _, _, expected = evaluate_file(single, path)
+        result = evaluate_dataset(shards, load_artifact(path), chunk_rows=700)
+        assert result.metrics == expected.metrics, correction.kind
+        assert result.changed == expected.changed
