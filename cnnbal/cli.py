@@ -283,14 +283,14 @@ def fit_command(
     """Fit a correction on validation outputs (the paper's H by default; docs/method.md).
 
     The elaborated and naive fits stream every shard of a dataset; the other
-    methods fit one file in memory.
+    methods read its rows into memory.
 
     Hyper-parameters not given are chosen by stratified k-fold cross-validation
     on VAL, with sweep's objective and total-accuracy limit; the output says
     which value CV chose and its CV score.
     """
     from cnnbal.errors import CnnbalError
-    from cnnbal.io import check_not_input, read_outputs
+    from cnnbal.io import check_not_input
     from cnnbal.methods import HYPERPARAMS, METHOD_NAMES
 
     if method not in METHOD_NAMES:
@@ -346,14 +346,9 @@ def fit_command(
             )
         n_renormalized = read_report.get("rows_renormalized", 0)
     else:
-        from cnnbal.pipeline import fit_method_outputs, read_prior
+        from cnnbal.pipeline import dataset_sha256, fit_method_outputs, read_prior
 
-        if not dataset.is_single_file or dataset.shards[0].filesystem is not None:
-            raise CnnbalError(
-                f"--method {method} fits one local file in memory; {dataset.label} is a "
-                "dataset (stream it with --method elaborated or naive)"
-            )
-        outputs = read_outputs(dataset.shards[0].location, options, require_labels=not unlabelled)
+        outputs = _read_whole(dataset, require_labels=not unlabelled)
         n_renormalized = outputs.n_renormalized
         target = prior if prior in ("uniform", "val") else read_prior(prior, outputs.n_classes)
         artifact, fitted = fit_method_outputs(
@@ -367,6 +362,8 @@ def fit_command(
             objective=objective.value,
             max_total_drop=max_total_drop,
             provenance={"prior": prior} if method == "prior-match" else None,
+            input_sha256=dataset_sha256(dataset),
+            input_name=dataset.label,
         )
         notes = fitted.warnings
     report_renormalized(n_renormalized, dataset.label, quiet)
@@ -376,6 +373,35 @@ def fit_command(
         save_artifact(output, artifact)
     _report_fit(
         artifact, notes, fitted, dataset, n_renormalized, output, val, start, as_json, quiet
+    )
+
+
+def _read_whole(dataset, *, require_labels: bool):
+    """Every row of a dataset in memory, for the fits that are not sums over rows.
+
+    One local file is read as before; several shards are streamed chunk by
+    chunk (validated as always) and concatenated.
+    """
+    import numpy as np
+
+    from cnnbal.io import Outputs, read_outputs
+
+    if dataset.is_single_file and dataset.shards[0].filesystem is None:
+        return read_outputs(
+            dataset.shards[0].location, dataset.options, require_labels=require_labels
+        )
+    probs, labels, n_renormalized = [], [], 0
+    for shard in dataset.shards:
+        for chunk in shard.open(dataset.options, require_labels=require_labels).chunks:
+            probs.append(np.asarray(chunk.probs))
+            labels.append(chunk.labels)
+            n_renormalized += chunk.n_renormalized
+    return Outputs(
+        probs=np.ascontiguousarray(np.concatenate(probs)),
+        labels=np.concatenate(labels) if require_labels else None,
+        class_names=dataset.class_names,
+        path=Path(dataset.label),
+        n_renormalized=n_renormalized,
     )
 
 

@@ -780,12 +780,16 @@ def fit_method_outputs(
     max_total_drop: float = 0.5,
     params: FitParams | None = None,
     provenance: dict | None = None,
+    input_sha256: str | None = None,
+    input_name: str | None = None,
 ):
     """Fit any method of :data:`cnnbal.methods.METHOD_NAMES` on validated outputs.
 
     Hyper-parameters not in ``hyper`` are chosen by stratified k-fold CV on
     the outputs (:func:`cnnbal.methods.fit_method`, which documents every
     argument); ``unlabelled`` fits ``prior-match`` without looking at labels.
+    ``input_sha256`` / ``input_name`` name the data in the artifact when the
+    rows came from several files (default: ``outputs.path``'s hash and name).
 
     Returns
     -------
@@ -823,8 +827,9 @@ def fit_method_outputs(
     artifact = Artifact.from_method_fit(
         fitted,
         class_names=outputs.class_names,
-        input_sha256=file_sha256(outputs.path),
-        input_name=outputs.path.name,
+        # a dataset's rows come from several files: the caller names them
+        input_sha256=input_sha256 or file_sha256(outputs.path),
+        input_name=input_name or outputs.path.name,
         provenance=recorded,
     )
     return artifact, fitted

@@ -391,3 +391,21 @@ def test_a_glob_may_match_folders_of_shards(tmp_path):
             "b.parquet/part-0.parquet",
             "b.parquet/part-1.parquet",
         ], pattern
+
+
+def test_other_methods_fit_on_a_folder_in_memory_and_evaluate_streamed(shards, tmp_path):
+    """Methods that are not sums over rows read the shards whole; evaluate streams any kind."""
+    root, probs, labels = shards
+    whole = write_parquet(tmp_path / "whole.parquet", probs, labels, class_names=NAMES)
+    for target, name in ((root, "B_shards.npz"), (whole, "B_whole.npz")):
+        result = run("fit", target, "--method", "logit-adjust", "-o", tmp_path / name, "-j", "1")
+        assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "B_shards.npz") as a, np.load(tmp_path / "B_whole.npz") as b:
+        assert str(a["kind"]) == "logit_bias"
+        np.testing.assert_array_equal(a["bias"], b["bias"])
+    reports = []
+    for target in (root, whole):
+        result = run("evaluate", target, "-H", tmp_path / "B_whole.npz", "--json", "-j", "1")
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(result.stdout))
+    assert reports[0]["metrics"] == reports[1]["metrics"]
