@@ -1,4 +1,4 @@
-"""Balancing and calibration methods beyond the paper, chosen honestly (docs/method.md).
+"""Balancing and calibration methods beyond the paper, chosen honestly (docs/method.md section 8).
 
 Every method fits a :class:`~cnnbal.corrections.Correction` on validation
 outputs; hyper-parameters not given are chosen by stratified k-fold
@@ -825,7 +825,7 @@ def _one_blas_thread():
 
     On a busy 2-core machine a multi-threaded (N x K) @ (K,) product took
     11-40 ms against ~1 ms on one thread (5,000 x 100); numpy's and scipy's
-    separate OpenBLAS copies make it worse (docs/method.md, numerics).
+    separate OpenBLAS copies make it worse (docs/method.md section 7.1).
     """
     try:
         from threadpoolctl import threadpool_limits
