@@ -689,9 +689,9 @@ def _target_prior(
 def _resolve_prior(target, labels: np.ndarray | None, n_classes: int) -> np.ndarray:
     if not isinstance(target, str):
         return target
-    # "val": the label frequencies, floored at half a sample so no class gets -inf
+    # "val": the label frequencies; every class has a sample here, because a class
+    # without one is left out of the fit before (_on_present_classes)
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    counts = np.maximum(counts, 0.5)
     return counts / counts.sum()
 
 
