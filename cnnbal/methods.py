@@ -42,9 +42,11 @@ a common temperature the class is predicted exactly as the others;
 ``worst20-ascent`` never raises it (it only raises the worst classes
 present), as any class it does not raise. :attr:`MethodFit.warnings` names
 these classes. Without labels (``prior-match --unlabelled``) no class can be
-known to be absent and nothing is pinned. Smooth problems are solved with L-BFGS (scipy) and
-analytic gradients; see :func:`_BiasProblem` for the shared evaluation, which
-costs two matrix-vector products per step.
+known to be absent and nothing is pinned.
+
+Smooth problems are solved with L-BFGS (scipy) and analytic gradients; see
+:func:`_BiasProblem` for the shared evaluation, which costs two matrix-vector
+products per step.
 
 Pure functions: no printing, no files; randomness takes a seed.
 """
