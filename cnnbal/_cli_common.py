@@ -6,10 +6,13 @@ use it without importing each other.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -53,13 +56,60 @@ def read_options(logits: bool, labels: Path | None, prob_prefix: str | None, cla
     )
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every cleanup on the way out runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Signals handled like SIGINT: the temporary output removed, exit 128 + signal.
+CLEANUP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Raise :class:`Signalled` on SIGTERM/SIGHUP for the duration (main thread only).
+
+    A second such signal during the cleanup is ignored, so that the cleanup
+    finishes; the previous handlers come back on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        for sig in CLEANUP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Signalled(signum)
+
+    previous = {}
+    for sig in CLEANUP_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def handle_errors(func: F) -> F:
-    """Turn a :class:`CnnbalError` into one line on stderr and exit code 2."""
+    """Turn a :class:`CnnbalError` into one line on stderr and exit code 2.
+
+    Also: an ``OSError`` (the environment: an unwritable folder, a full disk)
+    is one line and exit 2; Ctrl-C, SIGTERM and SIGHUP are one line and exit
+    128 + the signal number, after every temporary output is removed.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with signals_as_interrupts():
+                return func(*args, **kwargs)
         except CnnbalError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -67,9 +117,11 @@ def handle_errors(func: F) -> F:
             where = f"{exc.filename}: " if exc.filename else ""
             typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+            typer.echo(f"interrupted{by}", err=True)
+            raise typer.Exit(128 + int(signum)) from None
 
     return wrapper  # type: ignore[return-value]
 

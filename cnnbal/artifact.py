@@ -168,7 +168,7 @@ def save_artifact(path: str | os.PathLike, artifact: Artifact) -> Path:
         "created": np.array(artifact.created),
         "provenance": np.array(json.dumps(artifact.provenance, sort_keys=True)),
     }
-    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_output(path, suffixes=(".npz",)) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return path
 

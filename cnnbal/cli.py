@@ -87,32 +87,74 @@ def fit_command(
     ] = 0.8,
     beta: Annotated[float, typer.Option("--beta", help="Weight exponent: acc_k ** -beta.")] = 1.5,
     alpha: Annotated[float, typer.Option("--alpha", help="Identity padding strength.")] = 3.0,
+    max_total_drop: Annotated[
+        float,
+        typer.Option(
+            "--max-total-drop",
+            help="Fit check: refuse (exit 1, write nothing) if the 5-fold cross-validated "
+            "total accuracy falls more than PTS points below raw.",
+            metavar="PTS",
+        ),
+    ] = 0.5,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write H even if the fit check fails.")
+    ] = False,
     logits: LogitsOpt = False,
     labels: LabelsOpt = None,
     prob_prefix: PrefixOpt = None,
     classes: ClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fit the correction H on validation outputs (METHOD.md 1-2)."""
+    """Fit the correction H on validation outputs (docs/method.md 1-2).
+
+    Then checks it: 5-fold cross-validation on VAL estimates what H does to new
+    data; if total accuracy falls more than --max-total-drop points, nothing is
+    written and the exit code is 1 (--force writes it anyway).
+    """
+    import dataclasses
+
     from cnnbal.artifact import save_artifact
+    from cnnbal.check import check_fit, fit_function
     from cnnbal.core import METHODS, FitParams
     from cnnbal.errors import CnnbalError
-    from cnnbal.io import check_not_input, read_outputs
+    from cnnbal.io import check_outputs, read_outputs
     from cnnbal.pipeline import fit_outputs
 
     if method not in METHODS:
         raise CnnbalError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if output is not None:
-        check_not_input(output, val)
+    if not max_total_drop >= 0:
+        raise CnnbalError(f"--max-total-drop: must be >= 0 points, got {max_total_drop}")
+    check_outputs(
+        {"-o": output},
+        {"VAL": val, "--labels": labels, "--classes": classes},
+        suffixes={"-o": (".npz",)},
+    )
     start = time.perf_counter()
     outputs = read_outputs(val, read_options(logits, labels, prob_prefix, classes))
-    artifact, notes = fit_outputs(outputs, method, FitParams(r_low, r_high, beta, alpha))
-    if output is not None:
+    params = FitParams(r_low, r_high, beta, alpha)
+    artifact, notes = fit_outputs(outputs, method, params)
+    check = check_fit(
+        outputs.probs,
+        outputs.labels,
+        fit_function(method, params),
+        fitted=artifact,
+        max_total_drop=max_total_drop,
+    )
+    artifact = dataclasses.replace(
+        artifact, provenance={**artifact.provenance, "fit_check": check.to_dict()}
+    )
+    refused = not check.passed and not force
+    if output is not None and not refused:
         save_artifact(output, artifact)
     seconds = time.perf_counter() - start
     summary = artifact.describe()
     summary.update(
-        {"input": str(val), "output": str(output) if output else None, "seconds": seconds}
+        {
+            "input": str(val),
+            "output": str(output) if output is not None and not refused else None,
+            "seconds": seconds,
+            "fit_check": check.to_dict(),
+        }
     )
     summary["warnings"] = list(notes)
     err = stderr_console()
@@ -120,7 +162,23 @@ def fit_command(
         err.print(f"[yellow]warning:[/] {note}", highlight=False)
     if as_json:
         print_json(summary)
-        return
+    else:
+        _print_fit(artifact, summary, val, output if not refused else None, seconds)
+    if not check.passed:
+        verdict = "written anyway (--force)" if force else "nothing written"
+        typer.echo(
+            f"FAILED: fit check on {val.name}: {check.summary()}; {verdict}. Choose the "
+            f"parameters with `cnnbal sweep {val}` (or keep the raw outputs); --force writes "
+            "H anyway.",
+            err=True,
+        )
+        if refused:
+            raise typer.Exit(1)
+
+
+def _print_fit(artifact, summary: dict, val: Path, output: Path | None, seconds: float) -> None:
+    from cnnbal.report import fit_check_rows
+
     out = stdout_console()
     acc_min, acc_max = summary["val_accuracy_min"], summary["val_accuracy_max"]
     share = artifact.n_competitive / max(artifact.n_val, 1)
@@ -136,6 +194,8 @@ def fit_command(
         f"|H - [I 0]| = {summary['h_distance_from_identity']:.3f}; {1000 * seconds:.0f} ms",
         highlight=False,
     )
+    for label, text in fit_check_rows(summary["fit_check"]):
+        out.print(f"  {label}: {text}", highlight=False, soft_wrap=True)
     if output is not None:
         out.print(f"  wrote {output}", highlight=False)
 

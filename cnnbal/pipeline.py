@@ -11,6 +11,7 @@ adds only flags and presentation::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from cnnbal.io import (
     ReadOptions,
     TableWriter,
     atomic_output,
-    check_not_input,
+    check_outputs,
     file_sha256,
     iter_chunks,
     probs_columns,
@@ -93,10 +94,14 @@ def fit_file(
     options: ReadOptions | None = None,
 ) -> Artifact:
     """Read validation outputs, fit H, and (with ``out_path``) save the artifact."""
+    options = options or ReadOptions()
+    if out_path is not None:
+        given = {"VAL": val_path, "--labels": options.labels_path}
+        given["--classes"] = options.classes_path
+        check_outputs({"out_path": out_path}, given, suffixes={"out_path": (".npz",)})
     outputs = read_outputs(val_path, options)
     artifact, _ = fit_outputs(outputs, method, params)
     if out_path is not None:
-        check_not_input(out_path, val_path)
         save_artifact(out_path, artifact)
     return artifact
 
@@ -187,6 +192,10 @@ def apply_file(
         Called with the number of rows done after each block.
     """
     h_path, in_path, out_path = Path(h_path), Path(in_path), Path(out_path)
+    options = options or ReadOptions()
+    given = {"H": h_path, "INPUT": in_path}
+    given.update({"--labels": options.labels_path, "--classes": options.classes_path})
+    check_outputs({"-o": out_path}, given)
     artifact = load_artifact(h_path)
     out_suffix = out_path.suffix.lower()
     in_suffix = in_path.suffix.lower()
@@ -206,7 +215,8 @@ def apply_file(
         check_compatible(artifact, source.n_classes, source.class_names, in_path, h_path.name)
     class_names = source.class_names or artifact.class_names
     n_rows = n_corrected = n_changed = 0
-    with atomic_output(out_path, in_path, h_path) as tmp:
+    inputs = [path for path in given.values() if path is not None]
+    with atomic_output(out_path, *inputs) as tmp:
         writer = _make_writer(tmp, out_suffix, source, class_names)
         try:
             for chunk in source.chunks:
@@ -280,25 +290,41 @@ class _TableSink:
 
 
 class _NpySink:
+    """Streams the corrected rows into a ``.npy`` with ordinary writes.
+
+    Not a memory map: a write that fails (a full disk) is then an ``OSError``
+    at the ``write`` call, not a SIGBUS when a dirty page is flushed. The
+    header declares the row count from the start; rows arrive in order.
+    """
+
     def __init__(self, tmp, source):
         self.tmp = tmp
         self.n_rows = source.n_rows
-        self.out = None
+        self.fh = None
+        self.rows_written = 0
 
     def write(self, chunk, fixed, pred):
-        if self.out is None:
-            self.out = np.lib.format.open_memmap(
-                self.tmp, mode="w+", dtype=fixed.dtype, shape=(self.n_rows, fixed.shape[1])
-            )
-        self.out[chunk.row_offset : chunk.row_offset + len(fixed)] = fixed
+        if self.fh is None:
+            self.fh = open(self.tmp, "wb")  # closed in close/abort
+            header = {
+                "descr": np.lib.format.dtype_to_descr(fixed.dtype),
+                "fortran_order": False,
+                "shape": (self.n_rows, fixed.shape[1]),
+            }
+            np.lib.format.write_array_header_1_0(self.fh, header)
+        if chunk.row_offset != self.rows_written:  # pragma: no cover - readers yield in order
+            raise RuntimeError("apply: .npy rows arrived out of order")
+        self.fh.write(np.ascontiguousarray(fixed).data)
+        self.rows_written += len(fixed)
 
     def close(self):
-        if self.out is not None:
-            self.out.flush()
-            del self.out
+        if self.fh is not None:
+            self.fh.close()
 
     def abort(self):
-        self.out = None  # unmap without flushing
+        if self.fh is not None:
+            with contextlib.suppress(OSError):
+                self.fh.close()
 
 
 class _NpzSink:

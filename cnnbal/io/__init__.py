@@ -35,6 +35,8 @@ from cnnbal.io.writers import (
     TableWriter,
     atomic_output,
     check_not_input,
+    check_output_path,
+    check_outputs,
     file_sha256,
     probs_columns,
 )
@@ -51,6 +53,8 @@ __all__ = [
     "TableWriter",
     "atomic_output",
     "check_not_input",
+    "check_output_path",
+    "check_outputs",
     "file_sha256",
     "iter_chunks",
     "probs_columns",
