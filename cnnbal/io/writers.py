@@ -190,7 +190,7 @@ def atomic_output(
         # an error of the output itself (a full disk): name the output, not the
         # temporary file; one that names another file (an input) goes on as it is
         if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
-            raise CnnbalError(f"{target}: cannot write: {exc.strerror or exc}") from None
+            raise OutputWriteError(f"{target}: cannot write: {exc.strerror or exc}") from None
         raise
 
 
