@@ -252,12 +252,11 @@ def check_fit(
                 skipped=f"{n_samples} samples are too few for {n_folds}-fold cross-validation",
             )
         folds = stratified_folds(labels, n_folds, seed)
-        if isinstance(fit_fn, ElaboratedFit):
-            raw_folds, corrected_folds = _elaborated_folds(
-                probs, labels, folds, fit_fn.params, raw_pred
-            )
-        else:
-            raw_folds, corrected_folds = _generic_folds(probs, labels, folds, fit_fn)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # reported once, below
+                raw_folds, corrected_folds = _cross_validate(probs, labels, folds, fit_fn, raw_pred)
+        except OverflowError as exc:  # a fold's weights overflow where the whole set's did not
+            raise CnnbalError(f"fit check: {exc}") from None
     raw_mean, corrected_mean = raw_folds.mean(axis=0), corrected_folds.mean(axis=0)
     total = CHECK_SCORES.index("total_accuracy")
     passed = bool(corrected_mean[total] >= raw_mean[total] - max_total_drop / 100.0 - _TIE)
@@ -270,6 +269,12 @@ def check_fit(
         max_total_drop=float(max_total_drop),
         passed=passed,
     )
+
+
+def _cross_validate(probs, labels, folds, fit_fn, raw_pred):
+    if isinstance(fit_fn, ElaboratedFit):
+        return _elaborated_folds(probs, labels, folds, fit_fn.params, raw_pred)
+    return _generic_folds(probs, labels, folds, fit_fn)
 
 
 def _pair(raw: np.ndarray, corrected: np.ndarray) -> dict[str, tuple[float, float]]:

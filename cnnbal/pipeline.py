@@ -74,7 +74,12 @@ def fit_outputs(
         raise CnnbalError(f"{outputs.path.name}: fitting needs labels")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # reported through result.warnings
-        result = fit(outputs.probs, outputs.labels, method, params)
+        try:
+            # an overflow (huge --beta or --alpha) is reported by the solver, once
+            with np.errstate(over="ignore", invalid="ignore"):
+                result = fit(outputs.probs, outputs.labels, method, params)
+        except OverflowError as exc:
+            raise CnnbalError(f"{outputs.path.name}: {exc}") from None
     artifact = Artifact.from_fit(
         result,
         class_names=outputs.class_names,
@@ -108,6 +113,10 @@ def fit_file(
 
 def check_compatible(artifact: Artifact, n_classes: int, class_names, source: Path, h_name: str):
     """The input's class count (and names, when both are known) must match H."""
+    if class_names is not None and len(class_names) != n_classes:
+        raise CnnbalError(
+            f"{source.name}: {len(class_names)} class names for {n_classes} score columns"
+        )
     if n_classes != artifact.n_classes:
         raise CnnbalError(
             f"{source.name}: {n_classes} classes, but {h_name} was fitted for {artifact.n_classes}"
