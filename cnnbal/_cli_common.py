@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -22,37 +23,110 @@ from cnnbal.errors import CnnbalError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Metavars: upper case, one word per kind of value, the same on every command
+# (FILE, NAME, PTS, N, X, LIST); flags show none.
+
 # ---- reading flags, shared by fit / apply / evaluate / sweep
 LogitsOpt = Annotated[
     bool, typer.Option("--logits", help="Scores are logits: apply a (stable) softmax.")
 ]
+RenormalizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--renormalize",
+        help="Divide rows whose sum is off 1 by more than 1e-3 by their sum (rounded "
+        "exports, e.g. written with %.4f) instead of refusing them; the count goes to stderr.",
+    ),
+]
 LabelsOpt = Annotated[
     Path | None,
-    typer.Option("--labels", help="Labels for a .npy input: a 1-D integer .npy file."),
+    typer.Option(
+        "--labels", help="Labels for a .npy input: a 1-D integer .npy file.", metavar="FILE"
+    ),
+]
+LabelColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--label-column",
+        help="The label column of a table (default: label, else labels), or the label "
+        "array of an .npz.",
+        metavar="NAME",
+    ),
+]
+ScoreColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--score-column",
+        help="The scores of a table: a list column NAME, or K columns NAME0 .. NAME{K-1}; "
+        "the score array of an .npz (default: probs, else p_0.., else logits / logit_0..).",
+        metavar="NAME",
+    ),
 ]
 PrefixOpt = Annotated[
     str | None,
     typer.Option(
         "--prob-prefix",
-        help="Table inputs: read columns PREFIX0 .. PREFIX{K-1} (default: a 'probs' list "
-        "column, else p_0.., else logit_0..).",
+        help="Table inputs: read columns PREFIX0 .. PREFIX{K-1} (--score-column does this "
+        "and list columns).",
+        metavar="PREFIX",
+    ),
+]
+DelimiterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--delimiter",
+        help="CSV field separator, one character or 'tab' (default: detected from the "
+        "header among , ; tab |).",
+        metavar="CHAR",
     ),
 ]
 ClassesOpt = Annotated[
     Path | None,
-    typer.Option("--classes", help="Class names, one per line (maps string labels)."),
+    typer.Option(
+        "--classes",
+        help="Class names, one per line (maps string labels; default: the file's, else H's).",
+        metavar="FILE",
+    ),
 ]
 JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON object on stdout instead of tables (on bad input: "
+        '{"error": ..., "exit_code": 2}).',
+    ),
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("-q", "--quiet", help="Print nothing but errors and failed checks (and --json)."),
 ]
 
 
-def read_options(logits: bool, labels: Path | None, prob_prefix: str | None, classes: Path | None):
+def read_options(
+    logits: bool,
+    labels: Path | None,
+    prob_prefix: str | None,
+    classes: Path | None,
+    *,
+    renormalize: bool = False,
+    label_column: str | None = None,
+    score_column: str | None = None,
+    delimiter: str | None = None,
+):
     """Bundle the reading flags into :class:`cnnbal.io.ReadOptions`."""
     from cnnbal.io import ReadOptions
 
+    if prob_prefix is not None and score_column is not None:
+        raise CnnbalError("--prob-prefix and --score-column: give one of them")
     return ReadOptions(
-        logits=logits, labels_path=labels, prob_prefix=prob_prefix, classes_path=classes
+        logits=logits,
+        labels_path=labels,
+        prob_prefix=prob_prefix,
+        classes_path=classes,
+        renormalize=renormalize,
+        label_column=label_column,
+        score_column=score_column,
+        delimiter=delimiter,
     )
 
 
@@ -97,46 +171,81 @@ def signals_as_interrupts() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def report_renormalized(n_rows: int, source, quiet: bool = False) -> None:
+    """One line on stderr when --renormalize changed rows (a count, not a warning per row)."""
+    if n_rows:
+        stderr_console(quiet).print(
+            f"note: {source}: renormalized {n_rows:,} row(s) whose sum was off 1 by more "
+            "than 1e-3 (--renormalize)",
+            highlight=False,
+        )
+
+
+#: The keyword names under which commands take --json (their JSON mode decides
+#: whether an error is also printed as JSON on stdout).
+_JSON_KWARGS = ("as_json", "json_out")
+
+
 def handle_errors(func: F) -> F:
     """Turn a :class:`CnnbalError` into one line on stderr and exit code 2.
 
     Also: an ``OSError`` (the environment: an unwritable folder, a full disk)
     is one line and exit 2; Ctrl-C, SIGTERM and SIGHUP are one line and exit
-    128 + the signal number, after every temporary output is removed.
+    128 + the signal number, after every temporary output is removed. With
+    ``--json`` the error is also printed on stdout as ``{"error": ...,
+    "exit_code": 2}``, so a CI step that parses stdout always reads JSON.
     """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        as_json = any(kwargs.get(name) is True for name in _JSON_KWARGS)
         try:
             with signals_as_interrupts():
                 return func(*args, **kwargs)
         except CnnbalError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            _fail(str(exc), 2, as_json)
         except OSError as exc:  # the environment, not a bug: unwritable dir, disk full
             where = f"{exc.filename}: " if exc.filename else ""
-            typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
-            raise typer.Exit(2) from None
+            _fail(f"{where}{exc.strerror or exc}", 2, as_json)
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
             by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
             typer.echo(f"interrupted{by}", err=True)
+            if as_json:
+                print_json({"error": f"interrupted{by}", "exit_code": 128 + int(signum)})
             raise typer.Exit(128 + int(signum)) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def stderr_console():
-    """A rich console for human messages and tables (stderr when --json owns stdout)."""
+def _fail(message: str, code: int, as_json: bool):
+    typer.echo(f"error: {message}", err=True)
+    if as_json:
+        print_json({"error": message, "exit_code": code})
+    raise typer.Exit(code) from None
+
+
+def _console(stderr: bool, quiet: bool):
     from rich.console import Console
 
-    return Console(stderr=True)
+    console = Console(stderr=stderr, quiet=quiet)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # a pipe or CI log: no hard wrap at 80 columns (paths stay whole)
+        console = Console(stderr=stderr, quiet=quiet, width=1 << 16)
+    return console
 
 
-def stdout_console():
-    from rich.console import Console
+def stderr_console(quiet: bool = False):
+    """A rich console for human messages and tables (stderr when --json owns stdout).
 
-    return Console()
+    Not a terminal (a pipe, a CI log): lines are not wrapped. ``quiet``: prints nothing.
+    """
+    return _console(True, quiet)
+
+
+def stdout_console(quiet: bool = False):
+    """The console for human results on stdout (see :func:`stderr_console`)."""
+    return _console(False, quiet)
 
 
 def print_json(payload: dict) -> None:
@@ -170,3 +279,25 @@ def parse_floats(text: str, flag: str) -> list[float]:
     if not values:
         raise CnnbalError(f"{flag}: expected at least one number")
     return values
+
+
+def plain_flags_in_help() -> None:
+    """One look for every value in --help: typer 0.29 prints ``--json <bool>`` (as if the
+    flag took a value) and ``VAL <path>`` beside an argument's metavar. Flags show no
+    type; arguments and options with a metavar show only the metavar."""
+    from typer.core import TyperArgument, TyperOption
+
+    for cls in (TyperOption, TyperArgument):
+        show = getattr(cls, "display_type_rich", None)
+        if show is None or getattr(show, "_cnnbal_plain", False):
+            continue
+
+        def display_type_rich(self, ctx, _show=show):
+            if getattr(self, "is_flag", False) and self.metavar is None:
+                return None
+            if isinstance(self, TyperArgument) and self.metavar is not None:
+                return None
+            return _show(self, ctx)
+
+        display_type_rich._cnnbal_plain = True
+        cls.display_type_rich = display_type_rich

@@ -1,7 +1,8 @@
 """The ``cnnbal`` command line: a thin layer over :mod:`cnnbal.pipeline`.
 
-Exit codes: 0 success; 1 an ``evaluate`` check failed (``--max-total-drop``,
-``--min-low20-gain``); 2 bad input or usage (one line on stderr).
+Exit codes: 0 success; 1 an ``evaluate`` check failed (``--min-gain``,
+``--max-drop`` and their shorthands); 2 bad input or usage (one line on
+stderr, and ``{"error": ..., "exit_code": 2}`` on stdout with ``--json``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,20 @@ import typer
 from cnnbal import __version__
 from cnnbal._cli_common import (
     ClassesOpt,
+    DelimiterOpt,
     JsonOpt,
+    LabelColumnOpt,
     LabelsOpt,
     LogitsOpt,
     PrefixOpt,
+    QuietOpt,
+    RenormalizeOpt,
+    ScoreColumnOpt,
     handle_errors,
+    plain_flags_in_help,
     print_json,
     read_options,
+    report_renormalized,
     show_progress,
     stderr_console,
     stdout_console,
@@ -34,9 +42,10 @@ app = typer.Typer(
     help="More balanced per-class accuracy for a trained classifier, after training "
     "(Choi 2017: an affine correction H after the softmax).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
+plain_flags_in_help()
 
 
 def _version(value: bool) -> None:
@@ -71,22 +80,39 @@ def _pts(delta: float) -> str:
 @app.command("fit")
 @handle_errors
 def fit_command(
-    val: Annotated[Path, typer.Argument(help="Validation outputs with labels.")],
+    val: Annotated[Path, typer.Argument(help="Validation outputs with labels.", metavar="VAL")],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Write the H artifact here (.npz).")
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Write the H artifact here (.npz). Without it nothing is written (a dry "
+            "run that prints the summary).",
+            metavar="FILE",
+        ),
     ] = None,
     method: Annotated[
-        str, typer.Option("--method", help="elaborated (the paper's default) or naive.")
+        str,
+        typer.Option("--method", help="elaborated (the paper's default) or naive.", metavar="NAME"),
     ] = "elaborated",
     r_low: Annotated[
-        float, typer.Option("--r-low", help="Competitive: true-class prob above this.")
+        float,
+        typer.Option("--r-low", help="Competitive: true-class prob above this.", metavar="X"),
     ] = 0.1,
     r_high: Annotated[
         float,
-        typer.Option("--r-high", help="Competitive: max prob below this; also the apply gate."),
+        typer.Option(
+            "--r-high",
+            help="Competitive: max prob below this; also the apply gate.",
+            metavar="X",
+        ),
     ] = 0.8,
-    beta: Annotated[float, typer.Option("--beta", help="Weight exponent: acc_k ** -beta.")] = 1.5,
-    alpha: Annotated[float, typer.Option("--alpha", help="Identity padding strength.")] = 3.0,
+    beta: Annotated[
+        float, typer.Option("--beta", help="Weight exponent: acc_k ** -beta.", metavar="X")
+    ] = 1.5,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Identity padding strength.", metavar="X")
+    ] = 3.0,
     max_total_drop: Annotated[
         float,
         typer.Option(
@@ -100,10 +126,15 @@ def fit_command(
         bool, typer.Option("--force", help="Write H even if the fit check fails.")
     ] = False,
     logits: LogitsOpt = False,
+    renormalize: RenormalizeOpt = False,
     labels: LabelsOpt = None,
+    label_column: LabelColumnOpt = None,
+    score_column: ScoreColumnOpt = None,
     prob_prefix: PrefixOpt = None,
+    delimiter: DelimiterOpt = None,
     classes: ClassesOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Fit the correction H on validation outputs (docs/method.md 1-2).
 
@@ -130,7 +161,18 @@ def fit_command(
         suffixes={"-o": (".npz",)},
     )
     start = time.perf_counter()
-    outputs = read_outputs(val, read_options(logits, labels, prob_prefix, classes))
+    options = read_options(
+        logits,
+        labels,
+        prob_prefix,
+        classes,
+        renormalize=renormalize,
+        label_column=label_column,
+        score_column=score_column,
+        delimiter=delimiter,
+    )
+    outputs = read_outputs(val, options)
+    report_renormalized(outputs.n_renormalized, val.name, quiet)
     params = FitParams(r_low, r_high, beta, alpha)
     artifact, notes = fit_outputs(outputs, method, params)
     check = check_fit(
@@ -144,42 +186,55 @@ def fit_command(
         artifact, provenance={**artifact.provenance, "fit_check": check.to_dict()}
     )
     refused = not check.passed and not force
-    if output is not None and not refused:
+    written = output is not None and not refused
+    if written:
         save_artifact(output, artifact)
     seconds = time.perf_counter() - start
     summary = artifact.describe()
     summary.update(
         {
             "input": str(val),
-            "output": str(output) if output is not None and not refused else None,
+            "output": str(output) if written else None,
+            "written": written,
+            "rows_renormalized": outputs.n_renormalized,
             "seconds": seconds,
             "fit_check": check.to_dict(),
         }
     )
     summary["warnings"] = list(notes)
-    err = stderr_console()
+    err = stderr_console(quiet)
     for note in notes:
         err.print(f"[yellow]warning:[/] {note}", highlight=False)
+    if output is None:
+        err.print(
+            "note: nothing written (no -o/--output); pass -o H.npz to save H", highlight=False
+        )
     if as_json:
         print_json(summary)
     else:
-        _print_fit(artifact, summary, val, output if not refused else None, seconds)
-    if not check.passed:
-        verdict = "written anyway (--force)" if force else "nothing written"
+        _print_fit(artifact, summary, val, output if written else None, seconds, quiet)
+    if refused:
+        # one line, whatever --quiet says: a refused fit must never pass unnoticed
         typer.echo(
-            f"FAILED: fit check on {val.name}: {check.summary()}; {verdict}. Choose the "
+            f"FAILED: fit check on {val.name}: {check.summary()}; nothing written. Choose the "
             f"parameters with `cnnbal sweep {val}` (or keep the raw outputs); --force writes "
             "H anyway.",
             err=True,
         )
-        if refused:
-            raise typer.Exit(1)
+        raise typer.Exit(1)
+    if not check.passed:  # --force: the user overrode the check, a warning (quiet hides it)
+        err.print(
+            f"[yellow]warning:[/] fit check failed on {val.name}: {check.summary()}; "
+            "written anyway (--force)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
-def _print_fit(artifact, summary: dict, val: Path, output: Path | None, seconds: float) -> None:
+def _print_fit(artifact, summary: dict, val: Path, output, seconds: float, quiet: bool) -> None:
     from cnnbal.report import fit_check_rows
 
-    out = stdout_console()
+    out = stdout_console(quiet)
     acc_min, acc_max = summary["val_accuracy_min"], summary["val_accuracy_max"]
     share = artifact.n_competitive / max(artifact.n_val, 1)
     params = ", ".join(f"{k}={v:g}" for k, v in sorted(artifact.params.items())) or "none"
@@ -206,11 +261,18 @@ def _print_fit(artifact, summary: dict, val: Path, output: Path | None, seconds:
 @app.command("apply")
 @handle_errors
 def apply_command(
-    h: Annotated[Path, typer.Argument(help="The H artifact from `cnnbal fit`.")],
-    input: Annotated[Path, typer.Argument(help="Outputs to correct (labels optional).")],
+    h: Annotated[Path, typer.Argument(help="The H artifact from `cnnbal fit`.", metavar="H")],
+    input: Annotated[
+        Path, typer.Argument(help="Outputs to correct (labels optional).", metavar="INPUT")
+    ],
     output: Annotated[
         Path,
-        typer.Option("-o", "--output", help="Where to write (same family: table or array)."),
+        typer.Option(
+            "-o",
+            "--output",
+            help="Where to write (same family: table or array).",
+            metavar="FILE",
+        ),
     ],
     raw_scores: Annotated[
         bool,
@@ -219,17 +281,35 @@ def apply_command(
         ),
     ] = False,
     logits: LogitsOpt = False,
+    renormalize: RenormalizeOpt = False,
     labels: LabelsOpt = None,
+    label_column: LabelColumnOpt = None,
+    score_column: ScoreColumnOpt = None,
     prob_prefix: PrefixOpt = None,
+    delimiter: DelimiterOpt = None,
     classes: ClassesOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Correct outputs with H, streaming; writes OUTPUT atomically."""
+    """Correct outputs with H, streaming; writes OUTPUT atomically.
+
+    Tables keep every other column and gain pred (and pred_name when class
+    names are known); .npz keeps its other arrays.
+    """
     from cnnbal.pipeline import apply_file
 
     start = time.perf_counter()
-    options = read_options(logits, labels, prob_prefix, classes)
-    if show_progress() and not as_json:
+    options = read_options(
+        logits,
+        labels,
+        prob_prefix,
+        classes,
+        renormalize=renormalize,
+        label_column=label_column,
+        score_column=score_column,
+        delimiter=delimiter,
+    )
+    if show_progress() and not as_json and not quiet:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(
@@ -252,18 +332,20 @@ def apply_command(
     else:
         report = apply_file(h, input, output, options=options, raw_scores=raw_scores)
     seconds = time.perf_counter() - start
+    report_renormalized(report.n_renormalized, input.name, quiet)
     payload = {
         "input": str(input),
         "output": str(report.output),
         "rows": report.n_rows,
         "corrected": report.n_corrected,
         "changed_predictions": report.n_changed,
+        "rows_renormalized": report.n_renormalized,
         "seconds": seconds,
     }
     if as_json:
         print_json(payload)
         return
-    stderr_console().print(
+    stderr_console(quiet).print(
         f"apply: {report.n_rows:,} rows, {report.n_corrected:,} below the gate, "
         f"{report.n_changed:,} predictions changed; wrote {report.output} "
         f"in {seconds:.2f} s",
@@ -277,18 +359,42 @@ def apply_command(
 @app.command("evaluate")
 @handle_errors
 def evaluate_command(
-    test: Annotated[Path, typer.Argument(help="Labelled outputs to evaluate on.")],
+    test: Annotated[Path, typer.Argument(help="Labelled outputs to evaluate on.", metavar="TEST")],
     h: Annotated[
-        Path | None, typer.Option("-H", "--h", help="The H artifact (omit: raw only).")
+        Path | None,
+        typer.Option(
+            "-H",
+            "--correction",
+            help="The H artifact (omit: raw only). Its class names read string labels.",
+            metavar="FILE",
+        ),
     ] = None,
+    h_old_spelling: Annotated[Path | None, typer.Option("--h", hidden=True, metavar="FILE")] = None,
     per_class: Annotated[
         bool, typer.Option("--per-class", help="Also show per-class accuracy.")
     ] = False,
+    min_gain: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--min-gain",
+            help="Exit 1 unless METRIC (any key of the JSON 'metrics', e.g. "
+            "worst20_accuracy) improves by at least PTS percentage points. Repeatable.",
+            metavar="METRIC=PTS",
+        ),
+    ] = None,
+    max_drop: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--max-drop",
+            help="Exit 1 if METRIC worsens by more than PTS percentage points. Repeatable.",
+            metavar="METRIC=PTS",
+        ),
+    ] = None,
     max_total_drop: Annotated[
         float | None,
         typer.Option(
             "--max-total-drop",
-            help="Exit 1 if total accuracy falls by more than PTS percentage points.",
+            help="Shorthand for --max-drop total_accuracy=PTS.",
             metavar="PTS",
         ),
     ] = None,
@@ -296,83 +402,169 @@ def evaluate_command(
         float | None,
         typer.Option(
             "--min-low20-gain",
-            help="Exit 1 if the low-20% accuracy gains less than PTS percentage points.",
+            help="Shorthand for --min-gain low20_accuracy=PTS: the paper's low-20%, biased "
+            "upward (prefer --min-gain worst20_accuracy=PTS).",
             metavar="PTS",
         ),
     ] = None,
     logits: LogitsOpt = False,
+    renormalize: RenormalizeOpt = False,
     labels: LabelsOpt = None,
+    label_column: LabelColumnOpt = None,
+    score_column: ScoreColumnOpt = None,
     prob_prefix: PrefixOpt = None,
+    delimiter: DelimiterOpt = None,
     classes: ClassesOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Compare raw and corrected metrics; CI checks with exit code 1."""
+    from cnnbal.errors import CnnbalError
     from cnnbal.pipeline import evaluate_file
-    from cnnbal.report import comparison_payload, comparison_table, per_class_table
-
-    outputs, artifact, comparison = evaluate_file(
-        test, h, options=read_options(logits, labels, prob_prefix, classes)
+    from cnnbal.report import (
+        COMPARISON_NOTE,
+        comparison_payload,
+        comparison_table,
+        per_class_table,
     )
+
+    if h is None:
+        h = h_old_spelling
+    elif h_old_spelling is not None:
+        raise CnnbalError("-H/--correction given twice (also as --h)")
+    gates = parse_gates(min_gain or [], max_drop or [], max_total_drop, min_low20_gain)
+    if gates and h is None:
+        flags = ", ".join(sorted({g.flag for g in gates}))
+        raise CnnbalError(
+            f"{flags} needs -H H.npz: without a correction there is no change to check"
+        )
+    options = read_options(
+        logits,
+        labels,
+        prob_prefix,
+        classes,
+        renormalize=renormalize,
+        label_column=label_column,
+        score_column=score_column,
+        delimiter=delimiter,
+    )
+    outputs, artifact, comparison = evaluate_file(test, h, options=options)
+    report_renormalized(outputs.n_renormalized, test.name, quiet)
     names = outputs.class_names or (artifact.class_names if artifact else None)
-    checks = _ci_checks(comparison, max_total_drop, min_low20_gain)
+    checks = [gate.check(comparison) for gate in gates]
     if as_json:
         payload = comparison_payload(comparison, names)
         payload.update(
             {
                 "input": str(test),
                 "h": str(h) if h else None,
+                "rows_renormalized": outputs.n_renormalized,
                 "checks": checks,
                 "passed": all(c["passed"] for c in checks),
             }
         )
         print_json(payload)
     else:
-        out = stdout_console()
+        out = stdout_console(quiet)
         title = f"{test.name}: {comparison.n_samples:,} samples, {outputs.n_classes} classes"
         if h is None:
             title += " (no H: raw only)"
-        out.print(comparison_table(comparison, title=title))
+        out.print(comparison_table(comparison, title=title, raw_only=h is None))
+        out.print(COMPARISON_NOTE, highlight=False)
         if per_class:
-            out.print(per_class_table(comparison, names, artifact))
+            out.print(per_class_table(comparison, names, artifact, raw_only=h is None))
     failed = [c for c in checks if not c["passed"]]
-    err = stderr_console()
+    err = stderr_console(quiet)
     for check in checks:
-        style = "green" if check["passed"] else "bold red"
-        status = "ok" if check["passed"] else "FAILED"
-        err.print(f"[{style}]{status}[/]: {check['message']}", highlight=False)
+        if check["passed"]:
+            err.print(f"[green]ok[/]: {check['message']}", highlight=False)
+        else:  # a failed check is shown even with --quiet, like an error
+            stderr_console().print(f"[bold red]FAILED[/]: {check['message']}", highlight=False)
     if failed:
         raise typer.Exit(1)
 
 
-def _ci_checks(comparison, max_total_drop, min_low20_gain) -> list[dict]:
-    checks = []
+class Gate:
+    """One CI check of ``evaluate``: a metric must gain at least, or drop at most, PTS points.
+
+    Points are hundredths of the metric (percentage points for accuracies).
+    For a metric where lower is better (``squared_error``) a gain is a
+    decrease.
+    """
+
+    def __init__(self, kind: str, metric: str, pts: float, flag: str):
+        self.kind, self.metric, self.pts, self.flag = kind, metric, pts, flag
+
+    def check(self, comparison) -> dict:
+        from cnnbal.report import LOWER_IS_BETTER
+
+        raw, new = comparison.metrics[self.metric]
+        change = 100 * (new - raw)
+        gain = -change if self.metric in LOWER_IS_BETTER else change
+        if change != change:
+            passed = False
+            moved = "is not defined on this file"
+        else:
+            limit = self.pts if self.kind == "min_gain" else -self.pts
+            passed = gain >= limit - 1e-9
+            verb = "rose" if change > 0 else "fell"
+            moved = "did not change" if abs(change) < 5e-3 else f"{verb} {abs(change):.2f} pts"
+            if self.metric in LOWER_IS_BETTER and abs(change) >= 5e-3:
+                moved += " (lower is better)"
+        if self.kind == "min_gain":
+            rule = f"required: a gain of at least {self.pts:g} pts"
+        else:
+            rule = f"allowed: a drop of at most {self.pts:g} pts"
+        return {
+            "name": self.kind,
+            "flag": self.flag,
+            "metric": self.metric,
+            "limit_pts": self.pts,
+            "change_pts": change,
+            "gain_pts": gain,
+            "passed": passed,
+            "message": f"{self.metric} {moved}; {rule} ({self.flag})",
+        }
+
+
+def parse_gates(
+    min_gain: list[str],
+    max_drop: list[str],
+    max_total_drop: float | None,
+    min_low20_gain: float | None,
+) -> list[Gate]:
+    """The CI checks asked for, in command-line order by kind (shorthands last)."""
+    from cnnbal.errors import CnnbalError
+
+    gates = [_parse_gate("min_gain", "--min-gain", text) for text in min_gain]
+    gates += [_parse_gate("max_drop", "--max-drop", text) for text in max_drop]
     if max_total_drop is not None:
-        raw, new = comparison.metrics["total_accuracy"]
-        drop = 100 * (raw - new)
-        checks.append(
-            {
-                "name": "max_total_drop",
-                "limit_pts": max_total_drop,
-                "value_pts": drop,
-                "passed": drop <= max_total_drop + 1e-9,
-                "message": f"total accuracy dropped {drop:.2f} pts (limit --max-total-drop "
-                f"{max_total_drop:g})",
-            }
-        )
+        gates.append(Gate("max_drop", "total_accuracy", max_total_drop, "--max-total-drop"))
     if min_low20_gain is not None:
-        raw, new = comparison.metrics["low20_accuracy"]
-        gain = 100 * (new - raw)
-        checks.append(
-            {
-                "name": "min_low20_gain",
-                "limit_pts": min_low20_gain,
-                "value_pts": gain,
-                "passed": gain >= min_low20_gain - 1e-9,
-                "message": f"low-20% accuracy gained {gain:.2f} pts (required --min-low20-gain "
-                f"{min_low20_gain:g})",
-            }
-        )
-    return checks
+        gates.append(Gate("min_gain", "low20_accuracy", min_low20_gain, "--min-low20-gain"))
+    for gate in gates:
+        if gate.pts != gate.pts or gate.pts in (float("inf"), float("-inf")):
+            raise CnnbalError(f"{gate.flag}: PTS must be a finite number, got {gate.pts}")
+    return gates
+
+
+def _parse_gate(kind: str, flag: str, text: str) -> Gate:
+    from cnnbal.errors import CnnbalError
+    from cnnbal.metrics import METRIC_NAMES
+
+    metric, sep, value = text.partition("=")
+    metric = metric.strip()
+    try:
+        pts = float(value) if sep else float("nan")
+    except ValueError:
+        pts = float("nan")
+    if not sep or pts != pts:
+        raise CnnbalError(f"{flag}: expected METRIC=PTS (e.g. worst20_accuracy=0.5), got {text!r}")
+    if metric not in METRIC_NAMES and f"{metric}_accuracy" in METRIC_NAMES:
+        metric = f"{metric}_accuracy"  # worst20=0.5 is worst20_accuracy=0.5
+    if metric not in METRIC_NAMES:
+        raise CnnbalError(f"{flag}: unknown metric {metric!r}; one of {', '.join(METRIC_NAMES)}")
+    return Gate(kind, metric, pts, flag)
 
 
 # ------------------------------------------------------------------ info
@@ -381,10 +573,11 @@ def _ci_checks(comparison, max_total_drop, min_low20_gain) -> list[dict]:
 @app.command("info")
 @handle_errors
 def info_command(
-    h: Annotated[Path, typer.Argument(help="An H artifact.")],
+    h: Annotated[Path, typer.Argument(help="An H artifact.", metavar="H")],
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Describe an H artifact: method, parameters, provenance, validation accuracy."""
+    """Describe an H artifact: method, parameters, validation accuracy, origin, provenance."""
     from cnnbal.artifact import load_artifact
 
     artifact = load_artifact(h)
@@ -392,9 +585,11 @@ def info_command(
     if as_json:
         print_json(summary)
         return
-    from cnnbal.report import info_table
+    from cnnbal.report import info_sections
 
-    stdout_console().print(info_table(summary, title=str(h)))
+    out = stdout_console(quiet)
+    for section in info_sections(summary, artifact, title=str(h)):
+        out.print(section)
 
 
 app.command("sweep")(sweep_command)
@@ -403,4 +598,33 @@ app.command("extract")(extract_command)
 
 def main() -> None:
     """Console-script entry point."""
+    import sys
+
+    if "--json" in sys.argv[1:]:
+        sys.exit(_main_json())
     app()
+
+
+def _main_json() -> int:
+    """Run with ``--json`` given: a usage error (a bad flag value, a missing argument) is
+    bad input too, so it is also printed on stdout as ``{"error": ..., "exit_code": 2}``."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        return 1
+    except Exception as exc:
+        # click's ClickException (typer >= 0.29 vendors click: match it by its shape)
+        if not (
+            hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
+        ):
+            raise
+        try:
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(exc)  # the usual message on stderr
+        except Exception:  # another typer: click's own format
+            exc.show()
+        print_json({"error": exc.format_message(), "exit_code": exc.exit_code})
+        return exc.exit_code
+    return code if isinstance(code, int) else 0

@@ -20,14 +20,20 @@ import typer
 
 from cnnbal._cli_common import (
     ClassesOpt,
+    DelimiterOpt,
     JsonOpt,
+    LabelColumnOpt,
     LabelsOpt,
     LogitsOpt,
     PrefixOpt,
+    QuietOpt,
+    RenormalizeOpt,
+    ScoreColumnOpt,
     handle_errors,
     parse_floats,
     print_json,
     read_options,
+    report_renormalized,
     show_progress,
     stderr_console,
     stdout_console,
@@ -74,6 +80,7 @@ def sweep_command(
             "--test",
             help="Also evaluate the chosen H on these outputs, reported separately. Never "
             "used for the choice.",
+            metavar="FILE",
         ),
     ] = None,
     output: Annotated[
@@ -82,6 +89,7 @@ def sweep_command(
             "-o",
             "--output",
             help="Write the H refit on all of VAL with the chosen parameters (.npz).",
+            metavar="FILE",
         ),
     ] = None,
     plot: Annotated[
@@ -90,32 +98,45 @@ def sweep_command(
             "--plot",
             help="Write the Figure-3-style curves (one panel per parameter) as PNG; "
             "needs matplotlib (the plot extra).",
+            metavar="FILE",
         ),
     ] = None,
     r_low: Annotated[
-        str, typer.Option("--r-low", help="Comma-separated R_low values.")
+        str, typer.Option("--r-low", help="Comma-separated R_low values.", metavar="LIST")
     ] = "0.05,0.1,0.15",
     r_high: Annotated[
-        str, typer.Option("--r-high", help="Comma-separated R_high values.")
+        str, typer.Option("--r-high", help="Comma-separated R_high values.", metavar="LIST")
     ] = "0.7,0.8,0.9",
-    beta: Annotated[str, typer.Option("--beta", help="Comma-separated beta values.")] = "1,1.5,2",
-    alpha: Annotated[str, typer.Option("--alpha", help="Comma-separated alpha values.")] = "2,3,4",
+    beta: Annotated[
+        str, typer.Option("--beta", help="Comma-separated beta values.", metavar="LIST")
+    ] = "1,1.5,2",
+    alpha: Annotated[
+        str, typer.Option("--alpha", help="Comma-separated alpha values.", metavar="LIST")
+    ] = "2,3,4",
     mode: Annotated[
         Mode,
         typer.Option(
             "--mode",
             help="grid: every combination. curves: the paper's one-at-a-time lines "
             "through --center.",
+            metavar="grid|curves",
         ),
     ] = Mode.grid,
     center: Annotated[
         str,
-        typer.Option("--center", help="r_low,r_high,beta,alpha: the centre of --mode curves."),
+        typer.Option(
+            "--center",
+            help="r_low,r_high,beta,alpha: the centre of --mode curves.",
+            metavar="LIST",
+        ),
     ] = "0.1,0.8,1.5,3",
     folds: Annotated[
-        int, typer.Option("--folds", help="Stratified cross-validation folds (>= 2).")
+        int,
+        typer.Option("--folds", help="Stratified cross-validation folds (>= 2).", metavar="N"),
     ] = 5,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the fold assignment (>= 0).")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the fold assignment (>= 0).", metavar="N")
+    ] = 0,
     objective: Annotated[
         Objective,
         typer.Option(
@@ -123,28 +144,40 @@ def sweep_command(
             help="What to maximise (cross-validated mean): worst20 = mean accuracy of the "
             "20% worst classes after correction; low20_val = the paper's low-20% on classes "
             "picked by training-fold accuracy; balanced = mean per-class recall; total.",
+            metavar="worst20|low20_val|balanced|total",
         ),
     ] = Objective.worst20,
     max_total_drop: Annotated[
         float,
         typer.Option(
             "--max-total-drop",
-            help="Eligible only if cross-validated total accuracy is at most this many "
+            help="Eligible only if cross-validated total accuracy is at most PTS "
             "percentage points below raw.",
+            metavar="PTS",
         ),
     ] = 0.5,
     top: Annotated[
-        int, typer.Option("--top", help="Configurations shown in the table.", min=1)
+        int,
+        typer.Option("--top", help="Configurations shown in the table.", min=1, metavar="N"),
     ] = 10,
     test_labels: Annotated[
         Path | None,
-        typer.Option("--test-labels", help="Labels for a .npy --test file (1-D integer .npy)."),
+        typer.Option(
+            "--test-labels",
+            help="Labels for a .npy --test file (1-D integer .npy).",
+            metavar="FILE",
+        ),
     ] = None,
     logits: LogitsOpt = False,
+    renormalize: RenormalizeOpt = False,
     labels: LabelsOpt = None,
+    label_column: LabelColumnOpt = None,
+    score_column: ScoreColumnOpt = None,
     prob_prefix: PrefixOpt = None,
+    delimiter: DelimiterOpt = None,
     classes: ClassesOpt = None,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Choose R_low, R_high, beta and alpha by stratified k-fold cross-validation on VAL.
 
@@ -199,27 +232,47 @@ def sweep_command(
         suffixes={"-o": (".npz",), "--plot": (".png",)},
     )
 
-    from cnnbal.io import ReadOptions, file_sha256, read_outputs
+    import dataclasses
 
-    options = read_options(logits, labels, prob_prefix, classes)
+    from cnnbal.io import file_sha256, read_outputs
+
+    options = read_options(
+        logits,
+        labels,
+        prob_prefix,
+        classes,
+        renormalize=renormalize,
+        label_column=label_column,
+        score_column=score_column,
+        delimiter=delimiter,
+    )
     val_out = read_outputs(val, options)
+    report_renormalized(val_out.n_renormalized, val.name, quiet)
     test_out = None
     if test is not None:
-        test_options = ReadOptions(
-            logits=logits,
+        if test.suffix.lower() == ".npy" and test_labels is None:
+            raise CnnbalError(f"{test.name}: a .npy --test file needs --test-labels FILE.npy")
+        # the same reading flags, its own labels file, and VAL's class names for
+        # string labels when TEST has none
+        test_options = dataclasses.replace(
+            options,
             labels_path=test_labels,
-            prob_prefix=prob_prefix,
-            classes_path=classes,
+            fallback_class_names=(
+                tuple(val_out.class_names) if val_out.class_names is not None else None
+            ),
         )
         test_out = read_outputs(test, test_options)
+        report_renormalized(test_out.n_renormalized, test.name, quiet)
         if test_out.n_classes != val_out.n_classes:
             raise CnnbalError(
                 f"{test.name}: {test_out.n_classes} classes, but {val.name} has {val_out.n_classes}"
             )
 
-    human = stderr_console() if json_out else stdout_console()
-    notes = stderr_console()
-    result = _run(sw, val_out, configs, folds, seed, objective.value, max_total_drop, mode)
+    human = stderr_console(quiet) if json_out else stdout_console(quiet)
+    notes = stderr_console(quiet)
+    result = _run(
+        sw, val_out, configs, folds, seed, objective.value, max_total_drop, mode, quiet=quiet
+    )
 
     refit = None
     if result.chosen is not None and (output is not None or test_out is not None):
@@ -255,7 +308,12 @@ def sweep_command(
     for note in result.warnings:
         notes.print(f"[yellow]note:[/] {note}", highlight=False)
     if refit is not None:
-        for note in refit.warnings:
+        refit_notes = refit.warnings
+        if val_out.class_names is not None:
+            from cnnbal.pipeline import named_class_notes
+
+            refit_notes = named_class_notes(refit, val_out.class_names)
+        for note in refit_notes:
             notes.print(f"[yellow]note (refit on all of VAL):[/] {note}", highlight=False)
 
     if json_out:
@@ -286,7 +344,7 @@ def sweep_command(
         raise typer.Exit(1)
 
 
-def _run(sw, val_out, configs, folds, seed, objective, max_total_drop, mode):
+def _run(sw, val_out, configs, folds, seed, objective, max_total_drop, mode, *, quiet=False):
     kwargs = {
         "n_folds": folds,
         "seed": seed,
@@ -295,7 +353,7 @@ def _run(sw, val_out, configs, folds, seed, objective, max_total_drop, mode):
         "mode": mode.value,
         "center": configs[0] if mode is Mode.curves else None,
     }
-    if not show_progress():
+    if quiet or not show_progress():
         return sw.run_sweep(val_out.probs, val_out.labels, configs, **kwargs)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -496,13 +554,14 @@ def _print_decision(console, result, output, written) -> None:
 
 def _print_test(console, report: dict, test: Path) -> None:
     """The same table as `cnnbal evaluate`, titled as a report that chose nothing."""
-    from cnnbal.report import comparison_table
+    from cnnbal.report import COMPARISON_NOTE, comparison_table
 
     title = (
         f"{test.name} (n={report['n_samples']:,}): the chosen H on held-out data. "
         "Not used for the choice."
     )
     console.print(comparison_table(report["comparison"], title=title))
+    console.print(COMPARISON_NOTE, highlight=False)
 
 
 def _params(config) -> str:

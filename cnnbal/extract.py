@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnbal._install import install_hint
 from cnnbal.errors import CnnbalError
 from cnnbal.io import CLASS_NAMES_KEY
 
@@ -61,7 +62,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 )
-INSTALL_HINT = "pip install 'cnnbal[extract]'"
+#: How to install torch and Pillow (the editable form from a source checkout).
+INSTALL_HINT = install_hint("extract")
 MAX_ROWS_PER_GROUP = 65536
 # Rows are buffered up to about this many bytes of probs/logits before a row
 # group is written: few, large row groups without memory growing with N.

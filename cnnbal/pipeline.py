@@ -12,6 +12,7 @@ adds only flags and presentation::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from cnnbal.io import (
     file_sha256,
     iter_chunks,
     probs_columns,
+    read_npz_extras,
     read_outputs,
 )
 from cnnbal.metrics import Comparison, compare
@@ -80,6 +82,10 @@ def fit_outputs(
                 result = fit(outputs.probs, outputs.labels, method, params)
         except OverflowError as exc:
             raise CnnbalError(f"{outputs.path.name}: {exc}") from None
+    if outputs.class_names is not None:
+        result = dataclasses.replace(
+            result, warnings=named_class_notes(result, outputs.class_names)
+        )
     artifact = Artifact.from_fit(
         result,
         class_names=outputs.class_names,
@@ -88,6 +94,30 @@ def fit_outputs(
         provenance=provenance,
     )
     return artifact, result.warnings
+
+
+def named_class_notes(result, class_names: list[str]) -> tuple[str, ...]:
+    """The fit's warnings with classes named ("3 (cat)") instead of bare indices."""
+    from cnnbal.core import _class_notes
+
+    by_index = _class_notes(result.floored_classes, result.empty_classes, result.class_counts)
+    if not by_index:
+        return tuple(result.warnings)
+
+    def named(classes):
+        return tuple(f"{k} ({class_names[k]})" for k in classes)
+
+    by_name = _class_notes(named(result.floored_classes), named(result.empty_classes), None)
+    renamed = dict(zip(by_index, by_name, strict=True))
+    return tuple(renamed.get(note, note) for note in result.warnings)
+
+
+def with_names_from(options: ReadOptions | None, artifact: Artifact) -> ReadOptions:
+    """Reading options that fall back on the class names stored in H (string labels)."""
+    options = options or ReadOptions()
+    if artifact.class_names is None or options.fallback_class_names is not None:
+        return options
+    return dataclasses.replace(options, fallback_class_names=tuple(artifact.class_names))
 
 
 def fit_file(
@@ -145,13 +175,18 @@ def evaluate_file(
     *,
     options: ReadOptions | None = None,
 ) -> tuple[Outputs, Artifact | None, Comparison]:
-    """Raw vs corrected metrics on a labelled file (raw vs raw without H)."""
+    """Raw vs corrected metrics on a labelled file (raw vs raw without H).
+
+    String labels are read through H's class names when the file and
+    ``options`` give none.
+    """
+    artifact = load_artifact(h_path) if h_path is not None else None
+    if artifact is not None:
+        options = with_names_from(options, artifact)
     outputs = read_outputs(test_path, options)
-    artifact = None
     corrected = outputs.probs
     val_accuracy = None
-    if h_path is not None:
-        artifact = load_artifact(h_path)
+    if artifact is not None:
         check_compatible(
             artifact, outputs.n_classes, outputs.class_names, outputs.path, Path(h_path).name
         )
@@ -169,6 +204,7 @@ class ApplyReport:
     n_corrected: int
     n_changed: int
     output: Path
+    n_renormalized: int = 0
 
 
 _TABLE = (".parquet", ".pq", ".csv")
@@ -219,14 +255,14 @@ def apply_file(
             f"{out_path.name}: write a {family_in} input to "
             f"{'.parquet or .csv' if family_in == 'table' else '.npz or .npy'}"
         )
-    source = iter_chunks(in_path, options)
+    source = iter_chunks(in_path, with_names_from(options, artifact))
     if source.n_classes is not None:
         check_compatible(artifact, source.n_classes, source.class_names, in_path, h_path.name)
     class_names = source.class_names or artifact.class_names
-    n_rows = n_corrected = n_changed = 0
+    n_rows = n_corrected = n_changed = n_renormalized = 0
     inputs = [path for path in given.values() if path is not None]
     with atomic_output(out_path, *inputs) as tmp:
-        writer = _make_writer(tmp, out_suffix, source, class_names)
+        writer = _make_writer(tmp, out_suffix, source, class_names, options)
         try:
             for chunk in source.chunks:
                 check_compatible(
@@ -247,6 +283,7 @@ def apply_file(
                 # (a gather, instead of a second argmax over the whole block)
                 raw_at_pred = chunk.probs[np.arange(len(pred)), pred]
                 n_changed += int(np.sum(raw_at_pred < row_max))
+                n_renormalized += chunk.n_renormalized
                 writer.write(chunk, fixed, pred)
                 if progress is not None:
                     progress(n_rows)
@@ -254,15 +291,20 @@ def apply_file(
             writer.abort()  # release the temporary file; atomic_output removes it
             raise
         writer.close()
-    return ApplyReport(n_rows, n_corrected, n_changed, out_path)
+    return ApplyReport(n_rows, n_corrected, n_changed, out_path, n_renormalized)
 
 
-def _make_writer(tmp: Path, suffix: str, source, class_names):
+def _make_writer(tmp: Path, suffix: str, source, class_names, options):
     if suffix in _TABLE:
         return _TableSink(tmp, suffix, source, class_names)
     if suffix == ".npy":
         return _NpySink(tmp, source)
-    return _NpzSink(tmp, class_names)
+    return _NpzSink(tmp, class_names, source, options)
+
+
+def _pred_names(pred: np.ndarray, class_names) -> np.ndarray:
+    """The class name of each prediction, shape (rows,) str."""
+    return np.asarray(class_names, dtype=str)[pred]
 
 
 class _TableSink:
@@ -270,6 +312,7 @@ class _TableSink:
         self.layout = source.layout
         self.csv = suffix == ".csv"
         self.source = source.path.name
+        self.class_names = class_names
         self.writer = TableWriter(tmp, ".csv" if self.csv else ".parquet", class_names)
 
     def write(self, chunk, fixed, pred):
@@ -289,7 +332,12 @@ class _TableSink:
             if chunk.labels is not None:
                 columns["label"] = pa.array(chunk.labels)
         columns["pred"] = pa.array(pred.astype(np.int64))
-        columns.update(probs_columns(fixed, self.layout, flat=self.csv))
+        if self.class_names is not None:
+            columns["pred_name"] = pa.array(_pred_names(pred, self.class_names))
+        # CSV is text: float32 keeps every digit a model's softmax has and
+        # writes ~9 characters a number instead of float64's 17
+        scores = fixed.astype(np.float32, copy=False) if self.csv else fixed
+        columns.update(probs_columns(scores, self.layout, flat=self.csv))
         self.writer.write(pa.RecordBatch.from_pydict(columns))
 
     def close(self):
@@ -337,9 +385,14 @@ class _NpySink:
 
 
 class _NpzSink:
-    def __init__(self, tmp, class_names):
+    """Collects the blocks; at close writes ``probs``, ``pred`` (``pred_name``), the
+    labels and class names, and every other array of an ``.npz`` input (ids)."""
+
+    def __init__(self, tmp, class_names, source, options):
         self.tmp = tmp
         self.class_names = class_names
+        self.source = source.path
+        self.options = options
         self.parts = []
 
     def write(self, chunk, fixed, pred):
@@ -359,5 +412,8 @@ class _NpzSink:
             arrays["labels"] = np.concatenate([p[2] for p in self.parts])
         if self.class_names is not None:
             arrays["class_names"] = np.array(self.class_names, dtype=str)
+            arrays["pred_name"] = _pred_names(arrays["pred"], self.class_names)
+        if self.source.suffix.lower() == ".npz":  # keep the input's ids and the like
+            arrays = {**read_npz_extras(self.source, self.options, skip=arrays), **arrays}
         with open(self.tmp, "wb") as fh:
             np.savez(fh, **arrays)

@@ -44,8 +44,10 @@ def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
+        from cnnbal._install import install_hint
+
         raise CnnbalError(
-            "--plot needs matplotlib, which is not installed: pip install 'cnnbal[plot]'"
+            f"--plot needs matplotlib, which is not installed: {install_hint('plot')}"
         ) from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

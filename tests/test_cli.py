@@ -145,7 +145,7 @@ def test_evaluate_ci_gates(files):
     assert ok.exit_code == 0, ok.output
     too_greedy = run("evaluate", test, "-H", tmp / "H.npz", "--min-low20-gain", gain + 1)
     assert too_greedy.exit_code == 1
-    assert "FAILED: low-20% accuracy gained" in too_greedy.stderr
+    assert "FAILED: low20_accuracy rose" in too_greedy.stderr
     strict = run("evaluate", test, "-H", tmp / "H.npz", "--max-total-drop", drop - 1, "--json")
     assert strict.exit_code == 1
     assert json.loads(strict.stdout)["passed"] is False
@@ -157,7 +157,7 @@ def test_apply_parquet_streams_passthrough_and_pred(files):
     result = run("apply", tmp / "H.npz", test, "-o", tmp / "out.parquet")
     assert result.exit_code == 0, result.output
     table = pq.read_table(tmp / "out.parquet")
-    assert table.column_names == ["id", "path", "label", "pred", "probs"]
+    assert table.column_names == ["id", "path", "label", "pred", "pred_name", "probs"]
     assert table.column("path").to_pylist()[:2] == ["img0.png", "img1.png"]
     np.testing.assert_array_equal(table.column("label").to_numpy(), labels[600:])
     corrected = np.stack(table.column("probs").to_numpy(zero_copy_only=False))
@@ -197,7 +197,9 @@ def test_apply_list_column_to_csv_writes_flat_columns(files):
     result = run("apply", tmp / "H.npz", test, "-o", tmp / "out.csv")
     assert result.exit_code == 0, result.output
     table = pacsv.read_csv(tmp / "out.csv")
-    assert table.column_names == ["id", "path", "label", "pred"] + [f"p_{j}" for j in range(6)]
+    assert table.column_names == ["id", "path", "label", "pred", "pred_name"] + [
+        f"p_{j}" for j in range(6)
+    ]
     expected = apply_correction(load_artifact(tmp / "H.npz").H, probs[600:], 0.8)
     np.testing.assert_allclose(table.column("p_5").to_numpy(), expected[:, 5], atol=1e-6)
 

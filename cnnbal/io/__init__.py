@@ -29,8 +29,14 @@ from cnnbal.io.options import (
     Outputs,
     ReadOptions,
 )
-from cnnbal.io.readers import Chunk, ChunkSource, iter_chunks, read_outputs
-from cnnbal.io.validation import read_class_names, softmax, validate_labels, validate_probs
+from cnnbal.io.readers import Chunk, ChunkSource, iter_chunks, read_npz_extras, read_outputs
+from cnnbal.io.validation import (
+    check_probs,
+    read_class_names,
+    softmax,
+    validate_labels,
+    validate_probs,
+)
 from cnnbal.io.writers import (
     TableWriter,
     atomic_output,
@@ -55,10 +61,12 @@ __all__ = [
     "check_not_input",
     "check_output_path",
     "check_outputs",
+    "check_probs",
     "file_sha256",
     "iter_chunks",
     "probs_columns",
     "read_class_names",
+    "read_npz_extras",
     "read_outputs",
     "softmax",
     "validate_labels",

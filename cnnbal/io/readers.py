@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from cnnbal.io.options import (
     CHUNK_ROWS,
     CLASS_NAMES_KEY,
+    CSV_DELIMITERS,
     DEFAULT_PREFIXES,
     LABEL_COLUMNS,
     LABEL_KEYS,
@@ -30,9 +31,9 @@ from cnnbal.io.options import (
 )
 from cnnbal.io.validation import (
     check_class_names,
+    check_probs,
     read_class_names,
     validate_labels,
-    validate_probs,
 )
 
 
@@ -61,11 +62,11 @@ def read_outputs(
     _check_readable(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        scores, is_logits, labels, names = _read_npz(path)
+        scores, is_logits, labels, names = _read_npz(path, options)
     elif suffix == ".npy":
         scores, is_logits, labels, names = _read_npy(path, options)
     else:
-        table = _read_table(path)
+        table = _read_table(path, options)
         if table.num_rows == 0:  # before the columns: a header-only CSV has no types
             raise CnnbalError(f"{path.name}: no samples (0 rows)")
         layout = _TableLayout.detect(table.schema, path, options)
@@ -75,9 +76,11 @@ def read_outputs(
         names = _schema_class_names(table.schema, path)
     is_logits = is_logits or options.logits
     # whole-file reads feed fit/evaluate: row-major suits their row-wise work
-    probs = np.ascontiguousarray(validate_probs(scores, path, logits=is_logits))
-    if options.classes_path is not None:
-        names = read_class_names(options.classes_path)
+    probs, n_renormalized = check_probs(
+        scores, path, logits=is_logits, renormalize=options.renormalize
+    )
+    probs = np.ascontiguousarray(probs)
+    names = _class_names(names, options, probs.shape[1])
     if names is not None and len(names) != probs.shape[1]:
         raise CnnbalError(
             f"{path.name}: {len(names)} class names for {probs.shape[1]} score columns"
@@ -87,15 +90,34 @@ def read_outputs(
         labels = validate_labels(labels, probs.shape[0], probs.shape[1], path)
     elif require_labels:
         raise CnnbalError(f"{path.name}: no labels found ({_label_hint(suffix)})")
-    return Outputs(probs=probs, labels=labels, class_names=names, path=path)
+    return Outputs(
+        probs=probs, labels=labels, class_names=names, path=path, n_renormalized=n_renormalized
+    )
+
+
+def _class_names(
+    names: list[str] | None, options: ReadOptions, n_classes: int | None = None
+) -> list[str] | None:
+    """--classes wins over the file's names, which win over names known elsewhere (H).
+
+    Names known elsewhere are not used for a file with another class count
+    (the caller reports that mismatch in its own words).
+    """
+    if options.classes_path is not None:
+        return read_class_names(options.classes_path)
+    fallback = options.fallback_class_names
+    if names is None and fallback is not None:
+        if n_classes is None or len(fallback) == n_classes:
+            return list(fallback)
+    return names
 
 
 def _label_hint(suffix: str) -> str:
     if suffix == ".npz":
-        return "expected an array named " + " or ".join(LABEL_KEYS)
+        return "expected an array named " + " or ".join(LABEL_KEYS) + " (or --label-column KEY)"
     if suffix == ".npy":
         return "pass --labels FILE.npy"
-    return "expected a column named 'label'"
+    return "expected a column named 'label' or 'labels'; another name: --label-column NAME"
 
 
 def _check_readable(path: Path) -> None:
@@ -142,9 +164,23 @@ def _npz_array(archive, key: str, path: Path) -> np.ndarray:
         raise CnnbalError(f"{path.name}: array {key!r} is unreadable ({exc})") from None
 
 
-def _read_npz(path: Path):
-    with _load_npz(path) as archive:
-        keys = set(archive.files)
+def npz_keys(keys, options: ReadOptions | None, path: Path) -> tuple[str, bool, str | None]:
+    """The score key, whether it holds logits, and the label key (or None) of an archive.
+
+    ``options.score_column`` / ``options.label_column`` name the keys; otherwise
+    the first of :data:`PROB_KEYS`, :data:`LOGIT_KEYS` and :data:`LABEL_KEYS`.
+    """
+    options = options or ReadOptions()
+    keys = set(keys)
+    found = ", ".join(sorted(keys)) or "none"
+    if options.score_column is not None:
+        if options.score_column not in keys:
+            raise CnnbalError(
+                f"{path.name}: no array {options.score_column!r} (from --score-column; "
+                f"found: {found})"
+            )
+        score_key, is_logits = options.score_column, options.score_column in LOGIT_KEYS
+    else:
         is_logits = False
         score_key = next((k for k in PROB_KEYS if k in keys), None)
         if score_key is None:
@@ -153,10 +189,41 @@ def _read_npz(path: Path):
         if score_key is None:
             raise CnnbalError(
                 f"{path.name}: no scores found; expected an array named 'probs', "
-                f"'predictions' or 'logits' (found: {', '.join(sorted(keys)) or 'none'})"
+                f"'predictions' or 'logits', or --score-column KEY (found: {found})"
             )
-        scores = _npz_array(archive, score_key, path)
+    if options.label_column is not None:
+        if options.label_column not in keys:
+            raise CnnbalError(
+                f"{path.name}: no array {options.label_column!r} (from --label-column; "
+                f"found: {found})"
+            )
+        label_key = options.label_column
+    else:
         label_key = next((k for k in LABEL_KEYS if k in keys), None)
+    return score_key, is_logits, label_key
+
+
+def read_npz_extras(
+    path: str | os.PathLike, options: ReadOptions | None = None, skip=()
+) -> dict[str, np.ndarray]:
+    """The arrays of an outputs ``.npz`` other than its scores and labels (ids, ...).
+
+    Every score key (:data:`PROB_KEYS`, :data:`LOGIT_KEYS`, the one
+    ``options.score_column`` names) and the label key are left out, and so is
+    every name in ``skip``: what ``apply`` writes in their place.
+    """
+    path = Path(path)
+    with _load_npz(path) as archive:
+        score_key, _, label_key = npz_keys(archive.files, options, path)
+        leave_out = {*skip, score_key, label_key, *PROB_KEYS, *LOGIT_KEYS}
+        return {k: _npz_array(archive, k, path) for k in archive.files if k not in leave_out}
+
+
+def _read_npz(path: Path, options: ReadOptions | None = None):
+    with _load_npz(path) as archive:
+        score_key, is_logits, label_key = npz_keys(archive.files, options, path)
+        keys = set(archive.files)
+        scores = _npz_array(archive, score_key, path)
         labels = _npz_array(archive, label_key, path) if label_key else None
         names = None
         if "class_names" in keys:
@@ -223,12 +290,43 @@ def _read_npy(path: Path, options: ReadOptions):
     return scores, options.logits, labels, None
 
 
-def _read_table(path: Path) -> pa.Table:
+def csv_delimiter(path: Path, options: ReadOptions | None = None) -> str:
+    """The CSV field separator: ``options.delimiter``, else the one the header line uses.
+
+    The header decides: of :data:`CSV_DELIMITERS`, the one it holds most often
+    (outside quotes); a header with none of them is one column, read with ','.
+    """
+    if options is not None and options.delimiter is not None:
+        delimiter = {"tab": "\t", "\\t": "\t"}.get(options.delimiter, options.delimiter)
+        if len(delimiter) != 1:
+            raise CnnbalError(
+                f"--delimiter: expected one character (or 'tab'), got {options.delimiter!r}"
+            )
+        return delimiter
+    try:
+        with open(path, "rb") as fh:
+            head = fh.readline(1 << 16).decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise CnnbalError(f"{path.name}: cannot read ({exc.strerror})") from None
+    unquoted = "".join(part for i, part in enumerate(head.split('"')) if i % 2 == 0)
+    counts = {d: unquoted.count(d) for d in CSV_DELIMITERS}
+    best = max(CSV_DELIMITERS, key=lambda d: counts[d])  # ties: the earlier (',') wins
+    return best if counts[best] else ","
+
+
+def _csv_parse_options(path: Path, options: ReadOptions | None):
+    import pyarrow.csv as pacsv
+
+    return pacsv.ParseOptions(delimiter=csv_delimiter(path, options))
+
+
+def _read_table(path: Path, options: ReadOptions | None = None) -> pa.Table:
     if path.suffix.lower() == ".csv":
         import pyarrow.csv as pacsv
 
+        parse = _csv_parse_options(path, options)
         try:
-            return pacsv.read_csv(path)
+            return pacsv.read_csv(path, parse_options=parse)
         except Exception as exc:  # pyarrow raises ArrowInvalid and friends
             raise CnnbalError(
                 f"{path.name}: not a readable CSV file ({_first_line(exc)})"
@@ -284,7 +382,7 @@ def _labels_to_int(labels, names: list[str] | None, path: Path) -> np.ndarray:
     if names is None:
         raise CnnbalError(
             f"{path.name}: labels are class names but no class list is known "
-            "(pass --classes FILE, one name per line)"
+            "(pass --classes FILE, one name per line, or -H with an H that stores names)"
         )
     index = {name: i for i, name in enumerate(names)}
     out = np.empty(len(arr), dtype=np.int64)
@@ -310,7 +408,15 @@ class _TableLayout:
         import pyarrow as pa
 
         names = column_names(schema, path)
-        label_column = next((c for c in LABEL_COLUMNS if c in names), None)
+        if options.label_column is not None:
+            if options.label_column not in names:
+                raise CnnbalError(
+                    f"{path.name}: no column {options.label_column!r} (from --label-column; "
+                    f"columns: {_column_list(names)})"
+                )
+            label_column = options.label_column
+        else:
+            label_column = next((c for c in LABEL_COLUMNS if c in names), None)
         if label_column is not None and pa.types.is_nested(schema.field(label_column).type):
             raise CnnbalError(
                 f"{path.name}: column {label_column!r} must hold integers or class names, "
@@ -323,6 +429,19 @@ class _TableLayout:
                 pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)
             )
 
+        if options.score_column is not None:
+            # a list column of that name, else K columns with it as prefix
+            name = options.score_column
+            if name in names and list_column(name):
+                logits = options.logits or name in LOGIT_KEYS
+                return cls((name,), True, logits, label_column, path.name)
+            cols = _prefix_columns(names, name)
+            if not cols:
+                raise CnnbalError(
+                    f"{path.name}: no list column {name!r} and no columns '{name}0', "
+                    f"'{name}1', ... (from --score-column; columns: {_column_list(names)})"
+                )
+            return cls(cols, False, options.logits, label_column, path.name)
         if options.prob_prefix is not None:
             cols = _prefix_columns(names, options.prob_prefix)
             if not cols:
@@ -343,9 +462,13 @@ class _TableLayout:
             cols = _prefix_columns(names, prefix)
             if cols:
                 return cls(cols, False, is_logits or options.logits, label_column, path.name)
+        hint = ""
+        if path.suffix.lower() == ".csv" and len(names) == 1:
+            hint = "; the header is one column: another delimiter? (--delimiter)"
         raise CnnbalError(
             f"{path.name}: no scores found; expected a list column 'probs' or 'logits', "
-            "or columns p_0 .. p_{K-1} (another prefix: --prob-prefix)"
+            "or columns p_0 .. p_{K-1}; another name: --score-column NAME "
+            f"(columns: {_column_list(names)}){hint}"
         )
 
     @property
@@ -396,6 +519,11 @@ def column_names(schema, path: Path) -> list[str]:
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise CnnbalError(f"{path.name}: duplicate column name(s) {', '.join(map(repr, repeated))}")
     return names
+
+
+def _column_list(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... (+{len(names) - limit})" if len(names) > limit else "")
 
 
 def _prefix_columns(names: list[str], prefix: str) -> tuple[str, ...]:
@@ -449,12 +577,15 @@ class Chunk:
         Array inputs: the labels, when the file has them.
     row_offset : int
         Index of the first row in the file.
+    n_renormalized : int
+        Rows of this block divided by their sum (``ReadOptions.renormalize``).
     """
 
     probs: np.ndarray
     passthrough: object | None
     labels: np.ndarray | None
     row_offset: int
+    n_renormalized: int = 0
 
 
 @dataclass
@@ -486,7 +617,7 @@ def iter_chunks(
     suffix = path.suffix.lower()
     if suffix in (".npz", ".npy"):
         if suffix == ".npz":
-            scores, is_logits, labels, names = _read_npz(path)
+            scores, is_logits, labels, names = _read_npz(path, options)
         else:
             scores = _load_npy(path, mmap=True)
             is_logits, labels, names = options.logits, None, None
@@ -494,8 +625,7 @@ def iter_chunks(
                 labels_path = Path(options.labels_path)
                 _check_readable(labels_path)
                 labels = _load_npy(labels_path)
-        if options.classes_path is not None:
-            names = read_class_names(options.classes_path)
+        names = _class_names(names, options, scores.shape[1] if scores.ndim == 2 else None)
         if scores.ndim != 2:
             raise CnnbalError(
                 f"{path.name}: expected a 2-D array (n_samples, n_classes), "
@@ -503,6 +633,7 @@ def iter_chunks(
             )
         check_class_names(names, path, scores.shape[1])
         if labels is not None:
+            labels = _labels_to_int(labels, names, path)
             labels = validate_labels(labels, scores.shape[0], scores.shape[1], path)
         logits = is_logits or options.logits
 
@@ -511,23 +642,25 @@ def iter_chunks(
                 raise CnnbalError(f"{path.name}: no samples (0 rows)")
             for start in range(0, scores.shape[0], chunk_rows):
                 block = np.asarray(scores[start : start + chunk_rows])
-                probs = validate_probs(block, path, logits=logits, row_offset=start)
+                probs, n_renormalized = check_probs(
+                    block, path, logits=logits, row_offset=start, renormalize=options.renormalize
+                )
                 yield Chunk(
                     probs,
                     None,
                     None if labels is None else labels[start : start + chunk_rows],
                     start,
+                    n_renormalized,
                 )
 
         return ChunkSource(
             path, "array", scores.shape[0], scores.shape[1], names, None, array_chunks()
         )
 
-    schema, n_rows, batches = _open_table_stream(path, chunk_rows)
+    schema, n_rows, batches = _open_table_stream(path, chunk_rows, options)
     layout = _TableLayout.detect(schema, path, options)
-    names = _schema_class_names(schema, path)
-    if options.classes_path is not None:
-        names = read_class_names(options.classes_path)
+    n_columns = None if layout.is_list else len(layout.score_columns)
+    names = _class_names(_schema_class_names(schema, path), options, n_columns)
     keep = [c for c in column_names(schema, path) if c not in layout.passthrough_exclude]
 
     def table_chunks() -> Iterator[Chunk]:
@@ -536,8 +669,14 @@ def iter_chunks(
             if batch.num_rows == 0:
                 continue
             scores = layout.scores(batch)
-            probs = validate_probs(scores, path, logits=layout.logits, row_offset=offset)
-            yield Chunk(probs, batch.select(keep), None, offset)
+            probs, n_renormalized = check_probs(
+                scores,
+                path,
+                logits=layout.logits,
+                row_offset=offset,
+                renormalize=options.renormalize,
+            )
+            yield Chunk(probs, batch.select(keep), None, offset, n_renormalized)
             offset += batch.num_rows
         if offset == 0:
             raise CnnbalError(f"{path.name}: no samples (0 rows)")
@@ -547,12 +686,15 @@ def iter_chunks(
     return ChunkSource(path, "table", n_rows, n_classes, names, layout, table_chunks())
 
 
-def _open_table_stream(path: Path, chunk_rows: int):
+def _open_table_stream(path: Path, chunk_rows: int, options: ReadOptions | None = None):
     if path.suffix.lower() == ".csv":
         import pyarrow.csv as pacsv
 
+        parse = _csv_parse_options(path, options)
         try:
-            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=16 << 20))
+            reader = pacsv.open_csv(
+                path, read_options=pacsv.ReadOptions(block_size=16 << 20), parse_options=parse
+            )
         except Exception as exc:
             raise CnnbalError(
                 f"{path.name}: not a readable CSV file ({_first_line(exc)})"

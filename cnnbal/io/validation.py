@@ -13,7 +13,7 @@ from cnnbal.errors import CnnbalError
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
-from cnnbal.io.options import ROW_SUM_TOLERANCE
+from cnnbal.io.options import ROUNDED_SUM_WINDOW, ROW_SUM_TOLERANCE
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -25,9 +25,32 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def validate_probs(
-    values: np.ndarray, source: str | os.PathLike, *, logits: bool = False, row_offset: int = 0
+    values: np.ndarray,
+    source: str | os.PathLike,
+    *,
+    logits: bool = False,
+    row_offset: int = 0,
+    renormalize: bool = False,
 ) -> np.ndarray:
     """Check a score array and return probabilities (a new array or ``values`` itself).
+
+    :func:`check_probs` does the same and also returns how many rows were
+    renormalised.
+    """
+    return check_probs(
+        values, source, logits=logits, row_offset=row_offset, renormalize=renormalize
+    )[0]
+
+
+def check_probs(
+    values: np.ndarray,
+    source: str | os.PathLike,
+    *,
+    logits: bool = False,
+    row_offset: int = 0,
+    renormalize: bool = False,
+) -> tuple[np.ndarray, int]:
+    """Check a score array and return probabilities and the number of rows renormalised.
 
     Parameters
     ----------
@@ -37,11 +60,18 @@ def validate_probs(
     logits : bool
         ``values`` are logits: softmax them after the checks.
     row_offset : int
-        Added to row numbers in messages (for chunks of a larger file).
+        Added to row numbers in messages (for chunks of a larger file), so
+        they are row numbers in the file (0-based, header not counted).
+    renormalize : bool
+        Divide rows whose sum is off 1 by more than :data:`ROW_SUM_TOLERANCE`
+        by their sum (rounded exports) instead of refusing them. Negative
+        values and rows summing to 0 are still refused.
 
     Returns
     -------
-    ndarray of shape (n_samples, n_classes), float32 (float32 input) or float64.
+    probs : ndarray of shape (n_samples, n_classes), float32 (float32 input) or float64
+    n_renormalized : int
+        Rows divided by their sum (0 unless ``renormalize``).
 
     Raises
     ------
@@ -68,41 +98,82 @@ def validate_probs(
     if not (np.isfinite(lowest) and np.isfinite(highest)):
         row, col = np.argwhere(~np.isfinite(arr))[0]
         raise CnnbalError(
-            f"{name}: non-finite value {arr[row, col]} at row {row + row_offset}, column {col}"
+            f"{name}: non-finite value {arr[row, col]} at {_where(name, row + row_offset)}, "
+            f"column {col}"
         )
+    n_renormalized = 0
     if logits:
         arr = softmax(np.array(arr, dtype=dtype, copy=True))
     else:
         if lowest < 0:
             row, col = np.argwhere(arr < 0)[0]
             raise CnnbalError(
-                f"{name}: negative probability {arr[row, col]:.6g} at row {row + row_offset}, "
-                f"column {col} (if these are logits, pass --logits)"
+                f"{name}: negative probability {arr[row, col]:.6g} at "
+                f"{_where(name, row + row_offset)}, column {col} (if these are logits, "
+                "pass --logits)"
             )
         # in the array's own precision: float32 rounding (~1e-6 for K = 10,000)
         # is far inside the tolerance, and a float64 pass costs a cast
         sums = arr.sum(axis=1)
-        bad = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
+        # the slack absorbs float64 rounding, so a row of %.4f values summing
+        # to exactly 0.999 in decimal is inside the tolerance it is printed against
+        bad = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE * (1 + 1e-9)
         if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise CnnbalError(
-                f"{name}: row {row + row_offset} sums to {sums[row]:.6g}, not 1 "
-                f"(tolerance {ROW_SUM_TOLERANCE:g}); {int(bad.sum())} such row(s) in this "
-                "block (if these are logits, pass --logits)"
-            )
+            zero = bad & (sums <= 0)
+            if renormalize and not zero.any():
+                if not arr.flags.writeable or arr is values:
+                    arr = np.array(arr, copy=True)
+                arr[bad] /= sums[bad, None]
+                n_renormalized = int(bad.sum())
+            else:
+                raise CnnbalError(_row_sum_message(name, sums, bad, row_offset, renormalize))
     tiny = np.finfo(dtype).tiny
     # arr >= 0 here (checked above, or a softmax), so one comparison finds any
     # subnormal candidates; the exact test runs only when there are some.
     if logits:
         lowest = arr.min()
     if lowest >= tiny:  # the usual case: no zero or subnormal at all
-        return arr
+        return arr, n_renormalized
     small = arr < tiny
     if small.any() and (subnormal := small & (arr != 0)).any():
         if not arr.flags.writeable or arr is values:
             arr = np.array(arr, copy=True)
         arr[subnormal] = 0
-    return arr
+    return arr, n_renormalized
+
+
+def _where(name: str, row: int) -> str:
+    """A row number in the file; for a CSV also its line (header = line 1)."""
+    if name.lower().endswith(".csv"):
+        return f"row {row} (line {row + 2})"
+    return f"row {row}"
+
+
+def _row_sum_message(
+    name: str, sums: np.ndarray, bad: np.ndarray, row_offset: int, renormalize: bool
+) -> str:
+    """The first bad row, its sum to enough digits to see the gap, and the fitting hint."""
+    rows = np.flatnonzero(bad)
+    if renormalize:  # only a row summing to 0 stops --renormalize
+        rows = np.flatnonzero(bad & (sums <= 0))
+    row = int(rows[0])
+    total = float(sums[row])
+    # enough digits that the printed sum is visibly outside the tolerance
+    # (0.998874, not 0.999)
+    excess = max(abs(total - 1.0) - ROW_SUM_TOLERANCE, 1e-12)
+    decimals = int(np.clip(np.ceil(-np.log10(excess)) + 1, 6, 12))
+    first, last = row_offset, row_offset + len(sums) - 1
+    if total <= 0:
+        hint = "a row of zeros cannot be renormalised; drop it or fix the export"
+    elif np.all(np.abs(sums[rows] - 1.0) <= ROUNDED_SUM_WINDOW):
+        hint = "rounded probabilities, e.g. written with %.4f? pass --renormalize"
+    else:
+        hint = "far from 1: if these are logits or unnormalised scores, pass --logits"
+    return (
+        f"{name}: {_where(name, row + row_offset)} sums to {total:.{decimals}g}, not 1 "
+        f"(tolerance {ROW_SUM_TOLERANCE:g}); {int(bad.sum())} row(s) off in rows "
+        f"{first}..{last} ({hint})"
+    )
 
 
 def validate_labels(
