@@ -87,7 +87,9 @@ def read_outputs(
         )
     if labels is not None:
         labels = _labels_to_int(labels, names, path)
-        labels = validate_labels(labels, probs.shape[0], probs.shape[1], path)
+        labels = validate_labels(
+            labels, probs.shape[0], probs.shape[1], _labels_source(path, options)
+        )
     elif require_labels:
         raise CnnbalError(f"{path.name}: no labels found ({_label_hint(suffix)})")
     return Outputs(
@@ -110,6 +112,13 @@ def _class_names(
         if n_classes is None or len(fallback) == n_classes:
             return list(fallback)
     return names
+
+
+def _labels_source(path: Path, options: ReadOptions) -> Path:
+    """The file the labels came from: --labels for a .npy input, else the input itself."""
+    if path.suffix.lower() == ".npy" and options.labels_path is not None:
+        return Path(options.labels_path)
+    return path
 
 
 def _label_hint(suffix: str) -> str:
@@ -634,7 +643,9 @@ def iter_chunks(
         check_class_names(names, path, scores.shape[1])
         if labels is not None:
             labels = _labels_to_int(labels, names, path)
-            labels = validate_labels(labels, scores.shape[0], scores.shape[1], path)
+            labels = validate_labels(
+                labels, scores.shape[0], scores.shape[1], _labels_source(path, options)
+            )
         logits = is_logits or options.logits
 
         def array_chunks() -> Iterator[Chunk]:
