@@ -168,25 +168,30 @@ def atomic_output(
     check_output_path(target, suffixes)
     directory = target.parent if str(target.parent) else Path(".")
     mode = _new_file_mode(target)
-    while True:
-        tmp = directory / _temp_name(target)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # pragma: no cover - a 48-bit token collision
-            continue
-        except OSError as exc:
-            raise CnnbalError(
-                f"{target}: cannot create a file in {directory}: {exc.strerror}"
-            ) from None
-        break
-    os.close(fd)
+    # ``tmp`` names the candidate before it is created, so that a signal that
+    # lands right after the creation still finds it to remove (a 48-bit random
+    # name: an existing file of that name is not a practical concern)
+    tmp = None
     try:
+        while True:
+            tmp = directory / _temp_name(target)
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:  # pragma: no cover - a 48-bit token collision
+                continue
+            except OSError as exc:
+                tmp = None
+                raise CnnbalError(
+                    f"{target}: cannot create a file in {directory}: {exc.strerror}"
+                ) from None
+            break
         yield tmp
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         # an error of the output itself (a full disk): name the output, not the
         # temporary file; one that names another file (an input) goes on as it is
         if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
