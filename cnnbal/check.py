@@ -19,9 +19,10 @@ Pure functions: no printing, no files; the fold assignment takes a seed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -230,7 +231,7 @@ def check_fit(
         raise CnnbalError(f"--seed: must be >= 0, got {seed}")
     labels = np.asarray(labels, dtype=np.int64)
     n_samples, n_classes = probs.shape
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _one_blas_thread(n_classes):
         warnings.simplefilter("ignore", UserWarning)  # edge cases of a fold's fit
         if fitted is None:
             fitted = fit_fn(probs, labels)
@@ -269,6 +270,28 @@ def check_fit(
         max_total_drop=float(max_total_drop),
         passed=passed,
     )
+
+
+# Up to this many classes the check runs BLAS single-threaded (as the sweep does).
+_SINGLE_THREAD_MAX_CLASSES = 512
+
+
+@contextlib.contextmanager
+def _one_blas_thread(n_classes: int) -> Iterator[None]:
+    """One BLAS thread for the check's small products and solves.
+
+    Threads only synchronise on products this small; on a busy 2-core machine
+    a multi-threaded step stalls for 100 ms or more (docs/method.md 6), which
+    made the check cost several fits. Only the BLAS already loaded (numpy's)
+    is limited: importing scipy for it would cost more than it saves.
+    """
+    if n_classes > _SINGLE_THREAD_MAX_CLASSES:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _cross_validate(probs, labels, folds, fit_fn, raw_pred):
