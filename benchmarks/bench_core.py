@@ -43,7 +43,7 @@ CNNBAL = str(Path(PYTHON).with_name("cnnbal"))
 #: files; PYTHONDONTWRITEBYTECODE=1 here would recompile cnnbal on every run).
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
-#: The elaborated fit in plain numpy (METHOD.md 2): stacked rows, normal equations
+#: The elaborated fit in plain numpy (docs/method.md section 3): stacked rows, normal equations
 #: (np.linalg.lstsq on the same rows gives the same H but is 5-50x slower on these
 #: 2 shared cores, which would flatter cnnbal; the exactness check uses it).
 MIN_FIT = """
@@ -63,7 +63,7 @@ np.save(sys.argv[2], H)
 print("val accuracy", np.mean(pred == y))
 """
 
-#: Evaluate in plain numpy (METHOD.md 3): gate, affine map, argmax accuracy.
+#: Evaluate in plain numpy (docs/method.md section 4): gate, affine map, argmax accuracy.
 MIN_EVAL = """
 import sys, numpy as np
 d = np.load(sys.argv[1]); p = d["probs"]; y = d["labels"]; H = np.load(sys.argv[2])
@@ -266,7 +266,7 @@ def synthetic_outputs(
 
 
 def stacked_rows(probs, labels, result, params) -> tuple[np.ndarray, np.ndarray]:
-    """Rows X and targets T of METHOD.md 2, step 4 (competitive rows scaled, then padding)."""
+    """Rows X and targets T of docs/method.md section 3, step 4 (weighted samples, padding)."""
     p = probs.astype(np.float64)
     p /= p.sum(axis=1, keepdims=True)
     k = p.shape[1]

@@ -2,9 +2,9 @@
 
 Each outputs file (10,000 CIFAR test images) is split into stratified halves
 (validation / test) over several seeds; H is fitted on the validation half
-with the public API and evaluated on the test half (METHOD.md 5 and 7). The
+with the public API and evaluated on the test half (docs/method.md section 6). The
 paper's low-20% is printed beside the metrics that are free of its selection
-bias (METHOD.md 4): low-20% chosen on validation, worst-20% recomputed after
+bias (docs/method.md section 5): low-20% chosen on validation, worst-20% recomputed after
 correction, balanced accuracy and the worst class.
 
 Run::
@@ -27,7 +27,7 @@ import numpy as np
 from cnnbal.core import apply_correction, fit_elaborated, fit_naive
 from cnnbal.metrics import compare
 
-#: The paper's Table 3 (METHOD.md 5): total accuracy, low-20% accuracy, mean low-20% gain.
+#: The paper's Table 3 (docs/method.md section 6): total, low-20% accuracy, mean low-20% gain.
 PAPER_ROWS = {
     10: ("91-95%", "82.5-89.0%", "+0.4"),
     100: ("65-75%", "43.4-56.7%", "+1.8"),

@@ -14,7 +14,7 @@ On the validation half only:
 Each is then measured on the test half (never seen by any choice): worst20
 (mean accuracy of the 20% worst classes, recomputed after correction), the
 paper's low-20% (classes with the lowest raw TEST accuracy: biased upward by
-regression to the mean, METHOD.md 4), low20_val (classes chosen by validation
+regression to the mean, docs/method.md section 5), low20_val (classes chosen by validation
 accuracy), balanced and total accuracy. Prints the mean over seeds, and the
 mean and std of the change against raw, in percentage points.
 

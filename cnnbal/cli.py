@@ -7,6 +7,7 @@ stderr, and ``{"error": ..., "exit_code": 2}`` on stdout with ``--json``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Annotated
@@ -34,8 +35,9 @@ from cnnbal._cli_common import (
     stderr_console,
     stdout_console,
 )
+from cnnbal.cli_compare import compare_command
 from cnnbal.cli_extract import extract_command
-from cnnbal.cli_sweep import sweep_command
+from cnnbal.cli_sweep import Objective, sweep_command
 
 app = typer.Typer(
     name="cnnbal",
@@ -44,6 +46,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    # Plain help and usage errors (as click, sqlite-utils): typer's rich help
+    # imports rich.markdown, markdown_it and pygments, about as long as numpy
+    # itself, on every --help and every usage error (benchmarks/bench_startup.py).
+    rich_markup_mode=None,
 )
 plain_flags_in_help()
 
@@ -86,44 +92,111 @@ def fit_command(
         typer.Option(
             "-o",
             "--output",
-            help="Write the H artifact here (.npz). Without it nothing is written (a dry "
-            "run that prints the summary).",
+            help="Write the correction artifact here (.npz). Without it nothing is written "
+            "(a dry run that prints the summary).",
             metavar="FILE",
         ),
     ] = None,
     method: Annotated[
         str,
-        typer.Option("--method", help="elaborated (the paper's default) or naive.", metavar="NAME"),
+        typer.Option(
+            "--method",
+            help="elaborated (the paper's default), naive, logit-adjust, class-balanced-ce, "
+            "class-dro, prior-match, worst20-ascent, temperature or vector-scaling "
+            "(README: Choosing a correction).",
+            metavar="NAME",
+        ),
     ] = "elaborated",
     r_low: Annotated[
-        float,
-        typer.Option("--r-low", help="Competitive: true-class prob above this.", metavar="X"),
-    ] = 0.1,
-    r_high: Annotated[
-        float,
+        float | None,
         typer.Option(
-            "--r-high",
-            help="Competitive: max prob below this; also the apply gate.",
+            "--r-low",
+            help="elaborated: competitive if true-class prob above this [0.1].",
             metavar="X",
         ),
-    ] = 0.8,
+    ] = None,
+    r_high: Annotated[
+        float | None,
+        typer.Option(
+            "--r-high",
+            help="elaborated: competitive if max prob below this; the apply gate [0.8].",
+            metavar="X",
+        ),
+    ] = None,
     beta: Annotated[
-        float, typer.Option("--beta", help="Weight exponent: acc_k ** -beta.", metavar="X")
-    ] = 1.5,
+        float | None,
+        typer.Option(
+            "--beta", help="elaborated: weight exponent acc_k ** -beta [1.5].", metavar="X"
+        ),
+    ] = None,
     alpha: Annotated[
-        float, typer.Option("--alpha", help="Identity padding strength.", metavar="X")
-    ] = 3.0,
+        float | None,
+        typer.Option("--alpha", help="elaborated: identity padding strength [3].", metavar="X"),
+    ] = None,
+    tau: Annotated[
+        float | None,
+        typer.Option("--tau", help="logit-adjust: b = -tau log prior [by CV].", metavar="X"),
+    ] = None,
+    l2: Annotated[
+        float | None,
+        typer.Option(
+            "--l2", help="class-balanced-ce: L2 weight shrinking b toward 0 [by CV].", metavar="X"
+        ),
+    ] = None,
+    eta: Annotated[
+        float | None,
+        typer.Option(
+            "--eta", help="class-dro: soft-max temperature over classes [by CV].", metavar="X"
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature", help="prior-match: softmax temperature T [by CV].", metavar="X"
+        ),
+    ] = None,
+    shrink: Annotated[
+        float | None,
+        typer.Option(
+            "--shrink", help="worst20-ascent: b <- shrink * b, in [0, 1] [by CV].", metavar="X"
+        ),
+    ] = None,
+    prior: Annotated[
+        str,
+        typer.Option(
+            "--prior",
+            help="prior-match's target: uniform, val (label frequencies) or a FILE of K "
+            "weights (.npy or text).",
+            metavar="PRIOR",
+        ),
+    ] = "uniform",
+    unlabelled: Annotated[
+        bool,
+        typer.Option("--unlabelled", help="prior-match: fit without labels (e.g. on TEST itself)."),
+    ] = False,
+    folds: Annotated[
+        int, typer.Option("--folds", help="CV folds choosing hyper-parameters.", metavar="K")
+    ] = 5,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the CV fold assignment.", metavar="N")
+    ] = 0,
+    objective: Annotated[
+        Objective,
+        typer.Option("--objective", help="What CV maximises (as in sweep)."),
+    ] = Objective.worst20,
     max_total_drop: Annotated[
         float,
         typer.Option(
             "--max-total-drop",
-            help="Fit check: refuse (exit 1, write nothing) if the 5-fold cross-validated "
-            "total accuracy falls more than PTS points below raw.",
+            help="The fit check: refuse (exit 1, write nothing) if the cross-validated total "
+            "accuracy of the paper's fit falls more than PTS points below raw; other methods: "
+            "CV only chooses values within this limit (as in sweep).",
             metavar="PTS",
         ),
     ] = 0.5,
     force: Annotated[
-        bool, typer.Option("--force", help="Write H even if the fit check fails.")
+        bool,
+        typer.Option("--force", help="Write the paper's H even if the fit check fails."),
     ] = False,
     logits: LogitsOpt = False,
     renormalize: RenormalizeOpt = False,
@@ -136,28 +209,44 @@ def fit_command(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fit the correction H on validation outputs (docs/method.md 1-2).
+    """Fit a correction on validation outputs (the paper's H by default; docs/method.md).
 
-    Then checks it: 5-fold cross-validation on VAL estimates what H does to new
-    data; if total accuracy falls more than --max-total-drop points, nothing is
-    written and the exit code is 1 (--force writes it anyway).
+    Hyper-parameters not given are chosen by stratified k-fold cross-validation
+    on VAL, with sweep's objective and total-accuracy limit; the output says
+    which value CV chose and its CV score.
     """
-    import dataclasses
-
-    from cnnbal.artifact import save_artifact
-    from cnnbal.check import check_fit, fit_function
-    from cnnbal.core import METHODS, FitParams
     from cnnbal.errors import CnnbalError
     from cnnbal.io import check_outputs, read_outputs
-    from cnnbal.pipeline import fit_outputs
+    from cnnbal.methods import HYPERPARAMS, METHOD_NAMES
 
-    if method not in METHODS:
-        raise CnnbalError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in METHOD_NAMES:
+        raise CnnbalError(f"--method must be one of {', '.join(METHOD_NAMES)}, got {method!r}")
+    paper = {"r_low": r_low, "r_high": r_high, "beta": beta, "alpha": alpha}
+    given = {"tau": tau, "l2": l2, "eta": eta, "temperature": temperature, "shrink": shrink}
+    given = {name: value for name, value in given.items() if value is not None}
+    for name in given:
+        if name not in HYPERPARAMS[method]:
+            owners = [m for m, h in HYPERPARAMS.items() if name in h]
+            raise CnnbalError(f"--{name} applies to {' and '.join(owners)}, not {method}")
+    for name, value in paper.items():
+        if value is not None and method != "elaborated":
+            flag = "--" + name.replace("_", "-")
+            raise CnnbalError(f"{flag} applies to the elaborated fit, not {method}")
+    if method != "prior-match" and (prior != "uniform" or unlabelled):
+        flag = "--unlabelled" if unlabelled else "--prior"
+        raise CnnbalError(f"{flag} applies to prior-match, not {method}")
+    if folds < 2:
+        raise CnnbalError(f"--folds: need at least 2 folds, got {folds}")
     if not max_total_drop >= 0:
         raise CnnbalError(f"--max-total-drop: must be >= 0 points, got {max_total_drop}")
     check_outputs(
         {"-o": output},
-        {"VAL": val, "--labels": labels, "--classes": classes},
+        {
+            "VAL": val,
+            "--labels": labels,
+            "--classes": classes,
+            "--prior": None if prior in ("uniform", "val") else Path(prior),
+        },
         suffixes={"-o": (".npz",)},
     )
     start = time.perf_counter()
@@ -171,48 +260,44 @@ def fit_command(
         score_column=score_column,
         delimiter=delimiter,
     )
-    outputs = read_outputs(val, options)
+    outputs = read_outputs(val, options, require_labels=not unlabelled)
     report_renormalized(outputs.n_renormalized, val.name, quiet)
-    params = FitParams(r_low, r_high, beta, alpha)
-    artifact, notes = fit_outputs(outputs, method, params)
-    check = check_fit(
-        outputs.probs,
-        outputs.labels,
-        fit_function(method, params),
-        fitted=artifact,
-        max_total_drop=max_total_drop,
-    )
-    artifact = dataclasses.replace(
-        artifact, provenance={**artifact.provenance, "fit_check": check.to_dict()}
-    )
-    refused = not check.passed and not force
-    written = output is not None and not refused
-    if written:
-        save_artifact(output, artifact)
-    seconds = time.perf_counter() - start
-    summary = artifact.describe()
-    summary.update(
-        {
-            "input": str(val),
-            "output": str(output) if written else None,
-            "written": written,
-            "rows_renormalized": outputs.n_renormalized,
-            "seconds": seconds,
-            "fit_check": check.to_dict(),
-        }
-    )
-    summary["warnings"] = list(notes)
-    err = stderr_console(quiet)
-    for note in notes:
-        err.print(f"[yellow]warning:[/] {note}", highlight=False)
-    if output is None:
-        err.print(
-            "note: nothing written (no -o/--output); pass -o H.npz to save H", highlight=False
+    fitted = check = None
+    if method in ("elaborated", "naive"):
+        from cnnbal.core import DEFAULT_PARAMS, FitParams
+        from cnnbal.pipeline import fit_outputs
+
+        chosen = {name: value for name, value in paper.items() if value is not None}
+        params = FitParams(**{**DEFAULT_PARAMS.as_dict(), **chosen})
+        artifact, notes = fit_outputs(outputs, method, params)
+        check = _fit_check(outputs, method, params, artifact, folds, seed, max_total_drop)
+        artifact = dataclasses.replace(
+            artifact, provenance={**artifact.provenance, "fit_check": check.to_dict()}
         )
-    if as_json:
-        print_json(summary)
     else:
-        _print_fit(artifact, summary, val, output if written else None, seconds, quiet)
+        from cnnbal.pipeline import fit_method_outputs, read_prior
+
+        target = prior if prior in ("uniform", "val") else read_prior(prior, outputs.n_classes)
+        artifact, fitted = fit_method_outputs(
+            outputs,
+            method,
+            hyper=given,
+            prior=target,
+            unlabelled=unlabelled,
+            n_folds=folds,
+            seed=seed,
+            objective=objective.value,
+            max_total_drop=max_total_drop,
+            provenance={"prior": prior} if method == "prior-match" else None,
+        )
+        notes = fitted.warnings
+    refused = check is not None and not check.passed and not force
+    if output is not None and not refused:
+        from cnnbal.artifact import save_artifact
+
+        save_artifact(output, artifact)
+    written = output if not refused else None
+    _report_fit(artifact, notes, fitted, outputs, written, val, start, as_json, quiet, check)
     if refused:
         # one line, whatever --quiet says: a refused fit must never pass unnoticed
         typer.echo(
@@ -222,8 +307,8 @@ def fit_command(
             err=True,
         )
         raise typer.Exit(1)
-    if not check.passed:  # --force: the user overrode the check, a warning (quiet hides it)
-        err.print(
+    if check is not None and not check.passed:  # --force: a warning (quiet hides it)
+        stderr_console(quiet).print(
             f"[yellow]warning:[/] fit check failed on {val.name}: {check.summary()}; "
             "written anyway (--force)",
             highlight=False,
@@ -231,28 +316,121 @@ def fit_command(
         )
 
 
-def _print_fit(artifact, summary: dict, val: Path, output, seconds: float, quiet: bool) -> None:
-    from cnnbal.report import fit_check_rows
+def _fit_check(outputs, method, params, artifact, folds, seed, max_total_drop):
+    """The paper's fit, cross-validated on VAL (the other methods' CV already limits them)."""
+    from cnnbal.check import check_fit, fit_function
 
+    return check_fit(
+        outputs.probs,
+        outputs.labels,
+        fit_function(method, params),
+        fitted=artifact,
+        n_folds=folds,
+        seed=seed,
+        max_total_drop=max_total_drop,
+    )
+
+
+def _report_fit(
+    artifact, notes, fitted, outputs, output, val, start, as_json, quiet, check=None
+) -> None:
+    seconds = time.perf_counter() - start
+    summary = artifact.describe()
+    summary.update(
+        {
+            "input": str(val),
+            "output": str(output) if output else None,
+            "written": output is not None,
+            "rows_renormalized": outputs.n_renormalized,
+            "seconds": seconds,
+        }
+    )
+    if check is not None:
+        summary["fit_check"] = check.to_dict()
+    summary["warnings"] = list(notes)
+    if fitted is not None:
+        summary.update({"hyper": fitted.hyper, "chosen_by_cv": fitted.chosen_by_cv})
+        summary["cv"] = fitted.cv
+    err = stderr_console(quiet)
+    for note in notes:
+        err.print(f"[yellow]warning:[/] {note}", highlight=False)
+    if output is None:
+        err.print(
+            "note: nothing written (no -o/--output); pass -o H.npz to save H", highlight=False
+        )
+    if as_json:
+        print_json(summary)
+        return
     out = stdout_console(quiet)
     acc_min, acc_max = summary["val_accuracy_min"], summary["val_accuracy_max"]
-    share = artifact.n_competitive / max(artifact.n_val, 1)
-    params = ", ".join(f"{k}={v:g}" for k, v in sorted(artifact.params.items())) or "none"
-    out.print(f"[bold]fit[/] {val.name}: {artifact.method} ({params})", highlight=False)
+    params = ", ".join(f"{k}={v:g}" for k, v in sorted(artifact.params.items()))
+    params = params or "no hyper-parameters"
     out.print(
-        f"  samples {artifact.n_val:,}, classes {artifact.n_classes}, "
-        f"competitive {artifact.n_competitive:,} ({100 * share:.1f}%)",
+        f"[bold]fit[/] {val.name}: {artifact.method} -> {artifact.kind} ({params})",
         highlight=False,
     )
-    out.print(
-        f"  per-class val accuracy {_pct(acc_min)} .. {_pct(acc_max)}; "
-        f"|H - [I 0]| = {summary['h_distance_from_identity']:.3f}; {1000 * seconds:.0f} ms",
-        highlight=False,
+    if fitted is not None and fitted.cv is not None:
+        out.print(f"  {_cv_choice(fitted.cv)}", highlight=False)
+    counts = f"  samples {artifact.n_val:,}, classes {artifact.n_classes}"
+    if artifact.kind == "affine":
+        share = artifact.n_competitive / max(artifact.n_val, 1)
+        counts += f", competitive {artifact.n_competitive:,} ({100 * share:.1f}%)"
+    out.print(counts, highlight=False)
+    accuracy = (
+        f"per-class val accuracy {_pct(acc_min)} .. {_pct(acc_max)}"
+        if acc_min is not None
+        else "fitted without labels"
     )
-    for label, text in fit_check_rows(summary["fit_check"]):
-        out.print(f"  {label}: {text}", highlight=False, soft_wrap=True)
+    out.print(f"  {accuracy}; {1000 * seconds:.0f} ms", highlight=False)
+    out.print(f"  {_what_it_does(summary)}", highlight=False)
+    if check is not None:
+        from cnnbal.report import fit_check_rows
+
+        for label, text in fit_check_rows(check.to_dict()):
+            out.print(f"  {label}: {text}", highlight=False, soft_wrap=True)
     if output is not None:
         out.print(f"  wrote {output}", highlight=False)
+
+
+def _what_it_does(summary: dict) -> str:
+    """One phrase per kind: how far the correction is from doing nothing."""
+    kind = summary["kind"]
+    if kind == "affine":
+        return f"|H - [I 0]| = {summary['h_distance_from_identity']:.3f}"
+    if kind == "logit_bias":
+        return (
+            f"bias range {summary['bias_range']:.3f} (lowest {summary['bias_lowest_class']}, "
+            f"highest {summary['bias_highest_class']}), T = {summary['temperature']:g}"
+        )
+    if kind == "temperature":
+        return f"T = {summary['temperature']:.3f} (never changes a prediction)"
+    return (
+        f"scale {summary['scale_min']:.3f} .. {summary['scale_max']:.3f}, "
+        f"bias {summary['bias_min']:.3f} .. {summary['bias_max']:.3f}"
+    )
+
+
+def _cv_choice(cv: dict) -> str:
+    """'eta=0.3 chosen by 5-fold CV: worst20 78.89% vs raw 69.58%, total +1.12 pts'."""
+    from cnnbal.sweep import OBJECTIVES
+
+    score = OBJECTIVES[cv["objective"]]
+    grid = list(cv["grid"])
+    chosen = cv.get("chosen")
+    if chosen is None or chosen != chosen or chosen not in grid:
+        return (
+            f"{cv['n_folds']}-fold CV: no {cv['name']} of {len(grid)} keeps total accuracy "
+            f"within {cv['max_total_drop']:g} pts of raw: no correction (identity)"
+        )
+    i = grid.index(chosen)
+    raw = cv["raw_mean_scores"]
+    mean = cv["mean_scores"]
+    total = 100 * (mean["total_accuracy"][i] - raw["total_accuracy"])
+    verdict = "" if cv.get("beats_raw", True) else " (does not beat raw)"
+    return (
+        f"{cv['name']}={chosen:g} chosen by {cv['n_folds']}-fold CV: {cv['objective']} "
+        f"{_pct(mean[score][i])} vs raw {_pct(raw[score])}, total {total:+.2f} pts{verdict}"
+    )
 
 
 # ------------------------------------------------------------------ apply
@@ -346,7 +524,7 @@ def apply_command(
         print_json(payload)
         return
     stderr_console(quiet).print(
-        f"apply: {report.n_rows:,} rows, {report.n_corrected:,} below the gate, "
+        f"apply: {report.n_rows:,} rows, {report.n_corrected:,} touched by the correction, "
         f"{report.n_changed:,} predictions changed; wrote {report.output} "
         f"in {seconds:.2f} s",
         highlight=False,
@@ -593,6 +771,7 @@ def info_command(
 
 
 app.command("sweep")(sweep_command)
+app.command("compare")(compare_command)
 app.command("extract")(extract_command)
 
 

@@ -6,6 +6,7 @@ command runs.
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -14,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from cnnbal._cli_common import parse_floats, show_progress
+from cnnbal._cli_common import QuietOpt, handle_errors, parse_floats, print_json, show_progress
 from cnnbal.errors import CnnbalError
 
 
@@ -26,10 +27,12 @@ class Amp(str, Enum):
     fp16 = "fp16"
 
 
+@handle_errors
 def extract_command(
     model: Annotated[
         str,
         typer.Argument(
+            metavar="MODEL",
             help="A TorchScript archive (torch.jit.save), or 'package.module:factory' "
             "(called with no arguments) together with --weights.",
             show_default=False,
@@ -38,34 +41,47 @@ def extract_command(
     data: Annotated[
         Path,
         typer.Argument(
+            metavar="DATA",
             help="An image folder with one subfolder per class (labels = sorted folder "
             "names), a flat image folder (no labels), or an .npy/.npz image array "
             "(N,H,W,C uint8 or N,C,H,W float in [0,1]; npz keys 'images', 'labels').",
             show_default=False,
         ),
     ],
-    out: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="The parquet file to write.", show_default=False),
-    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The .parquet file to write (extract writes parquet only: the class names "
+            "live in its metadata).",
+            show_default=False,
+            metavar="FILE",
+        ),
+    ] = None,
     weights: Annotated[
         Path | None,
         typer.Option(
             "--weights",
             help="State dict for a factory model, read with torch.load(weights_only=True).",
+            metavar="FILE",
         ),
     ] = None,
     labels: Annotated[
         Path | None,
-        typer.Option("--labels", help="Labels for .npy images: a 1-D integer .npy file."),
+        typer.Option(
+            "--labels", help="Labels for .npy images: a 1-D integer .npy file.", metavar="FILE"
+        ),
     ] = None,
     size: Annotated[
         int | None,
-        typer.Option("--size", help="Resize so the shorter side is SIZE pixels (default: keep)."),
+        typer.Option(
+            "--size", help="Resize so the shorter side is N pixels (default: keep).", metavar="N"
+        ),
     ] = None,
     crop: Annotated[
         int | None,
-        typer.Option("--crop", help="Center-crop to CROP x CROP pixels (default: no crop)."),
+        typer.Option("--crop", help="Center-crop to N x N pixels (default: no crop).", metavar="N"),
     ] = None,
     mean: Annotated[
         str | None,
@@ -73,6 +89,7 @@ def extract_command(
             "--mean",
             help="Per-channel mean, comma-separated, on the [0,1] scale "
             "(default: ImageNet 0.485,0.456,0.406; their average for --channels 1).",
+            metavar="LIST",
         ),
     ] = None,
     std: Annotated[
@@ -81,18 +98,24 @@ def extract_command(
             "--std",
             help="Per-channel std, comma-separated (default: ImageNet 0.229,0.224,0.225; "
             "their average for --channels 1).",
+            metavar="LIST",
         ),
     ] = None,
     channels: Annotated[
-        int, typer.Option("--channels", help="3: convert images to RGB; 1: to grayscale.")
+        int,
+        typer.Option("--channels", help="3: convert images to RGB; 1: to grayscale.", metavar="N"),
     ] = 3,
     device: Annotated[
         str,
         typer.Option(
-            "--device", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."
+            "--device",
+            help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps.",
+            metavar="NAME",
         ),
     ] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Images per forward pass.", metavar="N")
+    ] = 64,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -100,10 +123,14 @@ def extract_command(
             help="Data loader processes decoding images; 0 decodes in-process "
             "(default: 0 on CPU, min(8, CPUs) on CUDA/MPS).",
             show_default=False,
+            metavar="N",
         ),
     ] = None,
     amp: Annotated[
-        Amp, typer.Option("--amp", help="Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA).")
+        Amp,
+        typer.Option(
+            "--amp", help="Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA).", metavar="NAME"
+        ),
     ] = Amp.none,
     classes: Annotated[
         Path | None,
@@ -111,6 +138,7 @@ def extract_command(
             "--classes",
             help="The model's class names, one per line, in output order (for flat folders "
             "and arrays; replaces folder names).",
+            metavar="FILE",
         ),
     ] = None,
     save_logits: Annotated[
@@ -120,6 +148,27 @@ def extract_command(
         bool,
         typer.Option("--skip-bad", help="Skip and count unreadable images instead of failing."),
     ] = False,
+    tf32: Annotated[
+        bool,
+        typer.Option(
+            "--tf32/--no-tf32",
+            help="Let CUDA convolutions and matmuls use TF32: faster on Ampere and later, "
+            "probabilities about 1e-4 from the CPU's. Default: IEEE float32.",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object on stdout (output, rows, classes, device, precision, "
+            "seconds, images/s, skipped).",
+        ),
+    ] = False,
+    quiet: QuietOpt = False,
+    out_deprecated: Annotated[
+        Path | None,
+        typer.Option("--out", hidden=True, help="Deprecated spelling of -o/--output."),
+    ] = None,
 ) -> None:
     """Run an image classifier over images and write its softmax outputs to parquet.
 
@@ -129,36 +178,48 @@ def extract_command(
     known), probs, logits (with --save-logits) and path, with the class names
     in the file's metadata: the input of `cnnbal fit`, `apply` and `evaluate`.
     """
-    try:
-        report = _run(
-            model=model,
-            data=data,
-            out=out,
-            weights=weights,
-            labels=labels,
-            classes=classes,
-            size=size,
-            crop=crop,
-            mean=mean,
-            std=std,
-            channels=channels,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            amp=None if amp is Amp.none else amp.value,
-            save_logits=save_logits,
-            skip_bad=skip_bad,
-        )
-    except CnnbalError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:  # the API has removed its temporary file
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+    if out_deprecated is not None:
+        if output is not None:
+            raise CnnbalError("--out: deprecated spelling of -o/--output; give only -o")
+        if not quiet:
+            typer.echo("warning: --out is deprecated; use -o/--output", err=True)
+        output = out_deprecated
+    if output is None:
+        raise CnnbalError("-o/--output: missing; name the .parquet file to write")
+    report = _run(
+        model=model,
+        data=data,
+        out=output,
+        weights=weights,
+        labels=labels,
+        classes=classes,
+        size=size,
+        crop=crop,
+        mean=mean,
+        std=std,
+        channels=channels,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        amp=None if amp is Amp.none else amp.value,
+        tf32=tf32,
+        save_logits=save_logits,
+        skip_bad=skip_bad,
+        quiet=quiet,
+    )
+    if not quiet:
+        _print_summary(report, output)
+    if as_json:
+        print_json(report_json(report, amp.value))
+
+
+def _print_summary(report, output: Path) -> None:
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
     skipped = f", skipped {report.n_skipped} unreadable" if report.n_skipped else ""
     typer.echo(
-        f"extracted {report.n_images} images{skipped} on {report.device} in "
-        f"{report.seconds:.1f} s ({report.images_per_second:.0f} images/s) -> {out}",
+        f"extracted {report.n_images} images{skipped} on {report.device} ({report.precision}) "
+        f"in {report.seconds:.1f} s ({report.images_per_second:.0f} images/s) -> {output}",
         err=True,
     )
     for path in report.skipped[:5]:
@@ -167,7 +228,30 @@ def extract_command(
         typer.echo(f"skipped: ... and {report.n_skipped - 5} more", err=True)
 
 
-def _run(*, model, data, out, weights, labels, classes, mean, std, size, crop, channels, **options):
+def report_json(report, amp: str) -> dict:
+    """The ``--json`` object of a finished run."""
+    return {
+        "output": report.output,
+        "rows": report.n_images,
+        "skipped": report.n_skipped,
+        "skipped_paths": list(report.skipped),
+        "n_classes": report.n_classes,
+        "classes": report.class_names,
+        "device": report.device,
+        "amp": amp,
+        "precision": report.precision,
+        "batch_size": report.batch_size,
+        "workers": report.workers,
+        "seconds": report.seconds,
+        "setup_seconds": report.setup_seconds,
+        "images_per_second": report.images_per_second,
+        "notes": list(report.notes),
+    }
+
+
+def _run(
+    *, model, data, out, weights, labels, classes, mean, std, size, crop, channels, quiet, **options
+):
     from cnnbal import extract as api
 
     api.require_torch()
@@ -178,23 +262,36 @@ def _run(*, model, data, out, weights, labels, classes, mean, std, size, crop, c
         std=None if std is None else tuple(parse_floats(std, "--std")),
         channels=channels,
     )
-    out_resolved = out.resolve()
-    for input_path in (Path(model), weights):
-        if input_path is not None and input_path.exists() and input_path.resolve() == out_resolved:
-            raise CnnbalError(f"{out}: is an input file; choose another output path")
+    # every file named on the command line; the output may be none of them
+    inputs = (Path(model), weights, labels, classes, data if data.is_file() else None)
+    inputs = tuple(path for path in inputs if path is not None)
+    inputs = tuple(path for path in inputs if path.exists())
+    api.check_output_path(out, None, inputs)
     names = None
     if classes is not None:
         from cnnbal.io import read_class_names
 
         names = read_class_names(classes)
     source = api.discover(data, labels_path=labels, class_names=names)
-    loaded = api.load_model(model, weights)
-    if not show_progress():
-        return api.extract(loaded, source, out, preprocessing=preprocessing, **options)
+    api.check_output_path(out, source, inputs)
+    # resolved before loading: a TorchScript archive is loaded straight onto it
+    device = api.resolve_device(options.pop("device"))
+    loaded = api.load_model(model, weights, device=device)
+    run = functools.partial(
+        api.extract,
+        loaded,
+        source,
+        out,
+        preprocessing=preprocessing,
+        device=device,
+        inputs=inputs,
+        model_name=model,
+        **options,
+    )
+    if quiet or not show_progress():
+        return run()
     with _progress_bar(len(source)) as update:
-        return api.extract(
-            loaded, source, out, preprocessing=preprocessing, progress=update, **options
-        )
+        return run(progress=update)
 
 
 @contextmanager

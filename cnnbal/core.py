@@ -1,9 +1,9 @@
 """The numeric core: fit and apply the output correction H of Choi (2017).
 
 Pure functions on validated arrays (see :mod:`cnnbal.io`): no I/O, no printing.
-Every equation cites ``METHOD.md`` (the paper's method restated).
+Every equation cites ``docs/method.md`` (the paper's method restated).
 
-Notation (METHOD.md, "Notation"): ``probs`` is (n_samples, n_classes) softmax
+Notation (docs/method.md section 1): ``probs`` is (n_samples, n_classes) softmax
 output, ``labels`` the integer true classes, ``pbar_n = [p_n, 1]`` and the
 corrected output ``phat_n = H @ pbar_n = W p_n + b`` with ``H = [W b]`` of
 shape (n_classes, n_classes + 1).
@@ -43,7 +43,7 @@ PIVOT_RATIO_MIN = 1e-4
 
 @dataclass(frozen=True)
 class FitParams:
-    """The four hyper-parameters of the elaborated fit (METHOD.md 2).
+    """The four hyper-parameters of the elaborated fit (docs/method.md section 3).
 
     Attributes
     ----------
@@ -94,7 +94,7 @@ class FitResult:
     n_competitive : int
         Samples in the competitive set (all samples for the naive fit).
     floored_classes : tuple of int
-        Classes whose accuracy was floored at ``0.5 / n_k`` (METHOD.md 2, edge cases).
+        Classes whose accuracy was floored at ``0.5 / n_k`` (docs/method.md section 3, edge cases).
     empty_classes : tuple of int
         Classes with no validation samples.
     warnings : tuple of str
@@ -126,7 +126,7 @@ def identity_h(n_classes: int) -> np.ndarray:
 def class_accuracy(
     probs: np.ndarray, labels: np.ndarray, n_classes: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class accuracy of the argmax prediction (METHOD.md 2, step 1).
+    """Per-class accuracy of the argmax prediction (docs/method.md section 3, step 1).
 
     Parameters
     ----------
@@ -154,7 +154,7 @@ def class_accuracy(
 def competitive_mask(
     probs: np.ndarray, labels: np.ndarray, r_low: float, r_high: float
 ) -> np.ndarray:
-    """The competitive set R of METHOD.md 2, step 2, as a boolean mask.
+    """The competitive set R of docs/method.md section 3, step 2, as a boolean mask.
 
     ``R = {n : p_n[c_n] > r_low and max_j p_n[j] < r_high}``: the true class
     has a real chance and no class is confident.
@@ -169,7 +169,7 @@ def _floored_accuracy(
     """Accuracy floored at half a correct sample, ``max(acc_k, 0.5 / n_k)``.
 
     A zero accuracy would make the weight ``acc ** -beta`` infinite (the
-    reference code crashes); METHOD.md 2, edge cases. Classes without samples
+    reference code crashes); docs/method.md section 3, edge cases. Classes without samples
     get weight 1 (it is never used: they have no sample rows).
     """
     present = counts > 0
@@ -188,7 +188,7 @@ def _as_float64_rows(probs: np.ndarray) -> np.ndarray:
 
     Saved float32 rows sum to 1 only within ~1e-7; renormalising in float64
     makes the appended 1 exactly the row sum, which keeps the naive fit's
-    minimum-norm solution away from fitting rounding noise (METHOD.md 6).
+    minimum-norm solution away from fitting rounding noise (docs/method.md section 7.2).
     """
     p = np.array(probs, dtype=np.float64, copy=True)
     p /= p.sum(axis=1, keepdims=True)
@@ -199,7 +199,7 @@ def solve_normal_equations(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Solve ``H @ gram = rhs`` for H with gram symmetric positive semi-definite.
 
     Cholesky when ``gram`` is positive definite (the elaborated system
-    normally is: METHOD.md 6); otherwise the minimum-norm least-squares
+    normally is: docs/method.md section 7.1); otherwise the minimum-norm least-squares
     solution of the normal equations, which is the minimum-norm solution of
     the stacked rows because both share the same null space.
 
@@ -239,7 +239,7 @@ def _one_blas_thread(size: int):
     """One BLAS thread for the (K+1)-square factorisation and solve of a large K.
 
     A multi-threaded Cholesky of a 1001 x 1001 matrix took 85-1,300 ms on a busy
-    2-core machine against 12-22 ms on one thread (METHOD.md 6 saw the same on
+    2-core machine against 12-22 ms on one thread (docs/method.md section 7.1 reports the same on
     small solves); the factorisation is too small to gain from threads. Small
     systems skip threadpoolctl and its import altogether.
     """
@@ -254,7 +254,7 @@ def _one_blas_thread(size: int):
 
 def _solve_normal_equations(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     # numpy only: importing scipy.linalg costs ~0.1-0.2 s of CLI start-up, and
-    # its OpenBLAS fights numpy's over the cores on small solves (METHOD.md 6).
+    # its OpenBLAS fights numpy's over the cores on small solves (docs/method.md section 7.1).
     try:
         factor = np.linalg.cholesky(gram)
         # A near-singular gram factorises but amplifies rounding: check the
@@ -282,7 +282,7 @@ def fit_elaborated(
     *,
     n_classes: int | None = None,
 ) -> FitResult:
-    """The elaborated fit of Choi (2017), METHOD.md 2 (the default method).
+    """The elaborated fit of Choi (2017), docs/method.md section 3 (the default method).
 
     Weighted least squares over the competitive validation samples, with
     sample weight ``s_n = acc_{c_n} ** -beta`` applied to the rows (so the
@@ -350,7 +350,7 @@ def fit_elaborated(
 def _competitive_rows(
     probs: np.ndarray, labels: np.ndarray, r_low: float, r_high: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The competitive rows (METHOD.md 2, step 2), renormalised in float64, and their labels.
+    """Competitive rows (docs/method.md section 3, step 2), renormalised in float64; labels.
 
     Equal to ``_as_float64_rows(probs)[competitive_mask(...)]`` but converts only
     the competitive rows: the tests need just two numbers per row (true-class
@@ -375,7 +375,7 @@ def _elaborated_system(
     *,
     overwrite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Normal equations ``gram = X^T X`` and ``rhs = T^T X`` of METHOD.md 2, step 4.
+    """Normal equations ``gram = X^T X`` and ``rhs = T^T X`` of docs/method.md section 3, step 4.
 
     Built without materialising the stacked rows: the sample rows contribute
     ``sum s_n^2 pbar_n pbar_n^T`` and ``sum s_n^2 e_{c_n} pbar_n^T``, the
@@ -428,11 +428,11 @@ def _sum_by_class(rows: np.ndarray, labels: np.ndarray, n_classes: int) -> np.nd
 
 
 def fit_naive(probs: np.ndarray, labels: np.ndarray, *, n_classes: int | None = None) -> FitResult:
-    """The naive fit, METHOD.md 1: plain least squares over all samples.
+    """The naive fit, docs/method.md section 2: plain least squares over all samples.
 
     ``min_H sum_n ||H pbar_n - e_{c_n}||^2`` with the minimum-norm solution
     (the system is singular: the appended 1 equals the row sum). Computed
-    exactly as METHOD.md 6 describes: the minimum-norm fit ``W0`` without the
+    exactly as docs/method.md section 7.3 describes: the minimum-norm fit ``W0`` without the
     constant column, then ``b = W0 1 / (K + 1)`` and ``W = W0 - b 1^T``.
 
     Parameters
@@ -497,7 +497,7 @@ def apply_correction(
     clip: bool = True,
     row_max: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Correct outputs with H, METHOD.md 3.
+    """Correct outputs with H, docs/method.md section 4.
 
     Rows whose maximum is below ``gate`` become ``W p + b``; the others are
     returned bit for bit as they came. One matrix product with the bias added

@@ -1,4 +1,4 @@
-"""Metrics of METHOD.md 4: pure functions of predictions and labels.
+"""Metrics of docs/method.md section 5: pure functions of predictions and labels.
 
 The paper's "low-20% accuracy" picks the ``round(0.2 K)`` classes with the
 lowest RAW accuracy on the evaluation set and re-measures those same classes
@@ -145,7 +145,7 @@ class Comparison:
         ``name -> (raw, corrected)`` for every name in :data:`METRIC_NAMES`.
     changed : dict of str to int
         ``fixed`` (wrong -> right), ``broken`` (right -> wrong), ``other``
-        (wrong -> a different wrong class): METHOD.md 4, Figures 4/5.
+        (wrong -> a different wrong class): docs/method.md section 5, Figures 4/5.
     class_recall_raw, class_recall_corrected : ndarray of shape (n_classes,)
     class_counts : ndarray of shape (n_classes,)
     low20_classes : ndarray of int

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnbal.artifact import Artifact, load_artifact, save_artifact
-from cnnbal.core import DEFAULT_PARAMS, FitParams, apply_correction, argmax_rows, fit
+from cnnbal.core import DEFAULT_PARAMS, FitParams, argmax_rows, fit
 from cnnbal.errors import CnnbalError
 from cnnbal.io import (
     Outputs,
@@ -45,7 +45,9 @@ __all__ = [
     "correct",
     "evaluate_file",
     "fit_file",
+    "fit_method_outputs",
     "fit_outputs",
+    "read_prior",
 ]
 
 
@@ -128,14 +130,22 @@ def fit_file(
     params: FitParams = DEFAULT_PARAMS,
     options: ReadOptions | None = None,
 ) -> Artifact:
-    """Read validation outputs, fit H, and (with ``out_path``) save the artifact."""
+    """Read validation outputs, fit a correction, and (with ``out_path``) save the artifact.
+
+    ``method`` is any name of :data:`cnnbal.methods.METHOD_NAMES`; methods
+    other than the paper's two choose their hyper-parameters by CV on the file
+    (see :func:`fit_method_outputs` for the other options).
+    """
     options = options or ReadOptions()
     if out_path is not None:
         given = {"VAL": val_path, "--labels": options.labels_path}
         given["--classes"] = options.classes_path
         check_outputs({"out_path": out_path}, given, suffixes={"out_path": (".npz",)})
     outputs = read_outputs(val_path, options)
-    artifact, _ = fit_outputs(outputs, method, params)
+    if method in ("elaborated", "naive"):
+        artifact, _ = fit_outputs(outputs, method, params)
+    else:
+        artifact, _ = fit_method_outputs(outputs, method)
     if out_path is not None:
         save_artifact(out_path, artifact)
     return artifact
@@ -164,9 +174,43 @@ def check_compatible(artifact: Artifact, n_classes: int, class_names, source: Pa
             )
 
 
-def correct(artifact: Artifact, probs: np.ndarray, *, clip: bool = True) -> np.ndarray:
-    """Apply an artifact's H with its gate (METHOD.md 3)."""
-    return apply_correction(artifact.H, probs, artifact.apply_gate, clip=clip)
+def correct(
+    artifact: Artifact, probs: np.ndarray, *, clip: bool = True, name: str = "the artifact"
+) -> np.ndarray:
+    """Apply an artifact's correction, of any kind (docs/method.md section 4 for H).
+
+    Parameters
+    ----------
+    probs : ndarray of shape (n_samples, n_classes)
+    clip : bool
+        Affine corrections only: clip negative scores and renormalise.
+    name : str
+        The artifact's file name, for the error message.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_classes)
+
+    Raises
+    ------
+    CnnbalError
+        The correction produced a non-finite score (a corrupt artifact).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # caught below, in one line
+        corrected = artifact.correction.apply(probs, clip=clip)
+    _check_finite(corrected, artifact, name)
+    return corrected
+
+
+def _check_finite(corrected: np.ndarray, artifact: Artifact, name: str, offset: int = 0) -> None:
+    """A correction must never turn finite inputs into NaN/inf silently."""
+    bad = ~np.isfinite(corrected).all(axis=1)
+    if bad.any():
+        row = offset + int(np.flatnonzero(bad)[0])
+        raise CnnbalError(
+            f"{name}: the {artifact.kind} correction gives non-finite scores on row {row}; "
+            "the artifact is corrupt"
+        )
 
 
 def evaluate_file(
@@ -190,7 +234,7 @@ def evaluate_file(
         check_compatible(
             artifact, outputs.n_classes, outputs.class_names, outputs.path, Path(h_path).name
         )
-        corrected = correct(artifact, outputs.probs)
+        corrected = correct(artifact, outputs.probs, name=Path(h_path).name)
         val_accuracy = artifact.val_class_accuracy
     comparison = compare(outputs.probs, corrected, outputs.labels, val_class_accuracy=val_accuracy)
     return outputs, artifact, comparison
@@ -201,6 +245,7 @@ class ApplyReport:
     """What :func:`apply_file` did."""
 
     n_rows: int
+    #: rows the correction touches: below an affine H's gate; every row for other kinds
     n_corrected: int
     n_changed: int
     output: Path
@@ -231,8 +276,9 @@ def apply_file(
     Parameters
     ----------
     raw_scores : bool
-        Keep the affine scores as they are (may be negative) instead of
-        clipping at 0 and renormalising.
+        Affine corrections: keep the affine scores as they are (may be
+        negative) instead of clipping at 0 and renormalising. The other kinds
+        always give probabilities.
     progress : callable, optional
         Called with the number of rows done after each block.
     """
@@ -269,16 +315,12 @@ def apply_file(
                     artifact, chunk.probs.shape[1], source.class_names, in_path, h_path.name
                 )
                 row_max = chunk.probs.max(axis=1)
-                fixed = apply_correction(
-                    artifact.H,
-                    chunk.probs,
-                    artifact.apply_gate,
-                    clip=not raw_scores,
-                    row_max=row_max,
-                )
+                fixed = artifact.correction.apply(chunk.probs, clip=not raw_scores, row_max=row_max)
+                _check_finite(fixed, artifact, h_path.name, chunk.row_offset)
                 pred = argmax_rows(fixed)
                 n_rows += len(pred)
-                n_corrected += int(np.sum(row_max < artifact.apply_gate))
+                # rows the correction touches: below an affine gate, every row otherwise
+                n_corrected += int(np.sum(artifact.correction.changes_rows(row_max)))
                 # changed: the new prediction is not a top class of the raw row
                 # (a gather, instead of a second argmax over the whole block)
                 raw_at_pred = chunk.probs[np.arange(len(pred)), pred]
@@ -417,3 +459,104 @@ class _NpzSink:
             arrays = {**read_npz_extras(self.source, self.options, skip=arrays), **arrays}
         with open(self.tmp, "wb") as fh:
             np.savez(fh, **arrays)
+
+
+def fit_method_outputs(
+    outputs: Outputs,
+    method: str,
+    *,
+    hyper: dict[str, float] | None = None,
+    prior: str | np.ndarray = "uniform",
+    unlabelled: bool = False,
+    n_folds: int = 5,
+    seed: int = 0,
+    objective: str = "worst20",
+    max_total_drop: float = 0.5,
+    params: FitParams | None = None,
+    provenance: dict | None = None,
+):
+    """Fit any method of :data:`cnnbal.methods.METHOD_NAMES` on validated outputs.
+
+    Hyper-parameters not in ``hyper`` are chosen by stratified k-fold CV on
+    the outputs (:func:`cnnbal.methods.fit_method`, which documents every
+    argument); ``unlabelled`` fits ``prior-match`` without looking at labels.
+
+    Returns
+    -------
+    artifact : Artifact
+    fitted : MethodFit
+        With the CV record (``fitted.cv``) and the fit's warnings.
+    """
+    from cnnbal.methods import fit_method
+
+    if params is not None:
+        check_params(params)
+    labels = None if unlabelled else outputs.labels
+    if labels is None and not unlabelled:
+        raise CnnbalError(f"{outputs.path.name}: fitting {method} needs labels")
+    fitted = fit_method(
+        method,
+        outputs.probs,
+        labels,
+        hyper=hyper,
+        prior=prior,
+        unlabelled=unlabelled,
+        n_folds=n_folds,
+        seed=seed,
+        objective=objective,
+        max_total_drop=max_total_drop,
+        params=params,
+    )
+    recorded = dict(provenance or {})
+    if method == "prior-match":
+        recorded.setdefault(
+            "prior",
+            prior if isinstance(prior, str) else np.asarray(prior, dtype=float).tolist(),
+        )
+        recorded.setdefault("unlabelled", bool(unlabelled))
+    artifact = Artifact.from_method_fit(
+        fitted,
+        class_names=outputs.class_names,
+        input_sha256=file_sha256(outputs.path),
+        input_name=outputs.path.name,
+        provenance=recorded,
+    )
+    return artifact, fitted
+
+
+def read_prior(path: str | os.PathLike, n_classes: int) -> np.ndarray:
+    """A target class prior from a file: ``.npy`` (1-D) or text (numbers, one per line or
+    separated by commas/spaces).
+
+    Returns
+    -------
+    ndarray of shape (n_classes,), float64
+        Positive weights, normalised to sum to 1.
+
+    Raises
+    ------
+    CnnbalError
+        Unreadable file, wrong count, or a weight that is not a positive number.
+    """
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise CnnbalError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() == ".npy":
+            values = np.load(path, allow_pickle=False)
+        else:
+            text = path.read_text(encoding="utf-8")
+            values = np.array([float(v) for v in text.replace(",", " ").split()])
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CnnbalError(f"{name}: not a readable prior ({exc})") from None
+    if values.dtype.kind not in "iuf" or values.ndim != 1:
+        raise CnnbalError(
+            f"{name}: a prior is a list of numbers, not {values.dtype} {values.shape}"
+        )
+    values = values.astype(np.float64)
+    if len(values) != n_classes:
+        raise CnnbalError(f"{name}: {len(values)} prior weights, but the outputs have {n_classes}")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise CnnbalError(f"{name}: prior weights must be positive numbers")
+    return values / values.sum()

@@ -15,9 +15,10 @@ import numpy as np
 from cnnbal.errors import CnnbalError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from cnnbal.compare import MethodComparison
     from cnnbal.sweep import SweepResult
 
-__all__ = ["plot_sweep", "require_matplotlib"]
+__all__ = ["plot_compare", "plot_sweep", "require_matplotlib"]
 
 _LABELS = {
     "r_low": "R_low (true-class probability floor)",
@@ -236,3 +237,116 @@ def _suptitle(result: SweepResult, title: str | None) -> str:
 
 def _fmt(value: float) -> str:
     return f"{value:g}"
+
+
+def plot_compare(
+    result: MethodComparison, path: str | os.PathLike, *, title: str | None = None
+) -> Path:
+    """Write ``cnnbal compare`` as one panel per metric, one row per method.
+
+    Each row shows the method's change against raw in percentage points: the
+    cross-validated estimate on VAL (hollow diamond: the mean over the held-out
+    folds; bar: the spread of the change over folds) and, when TEST was given,
+    the change on TEST (dot, bar: the 95% paired bootstrap interval). The
+    recommended method's label is bold; ineligible methods (CV total below the
+    limit) are greyed.
+
+    Parameters
+    ----------
+    result : MethodComparison
+    path : str or PathLike
+        The PNG to write (atomically).
+    title : str, optional
+        First line of the figure title (e.g. the validation file's name).
+
+    Returns
+    -------
+    Path
+    """
+    from cnnbal.compare import TEST_METRICS
+    from cnnbal.io import atomic_output
+
+    plt = require_matplotlib()
+    path = Path(path)
+    has_test = result.n_test is not None
+    metrics = (
+        list(TEST_METRICS)
+        if has_test
+        else ["total_accuracy", "worst20_accuracy", "balanced_accuracy"]
+    )
+    names = {
+        "total_accuracy": "total",
+        "worst20_accuracy": "worst-20%",
+        "low20_val_accuracy": "low-20% (val classes)",
+        "balanced_accuracy": "balanced",
+        "worst_class_accuracy": "worst class",
+    }
+    n = len(result.results)
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(2.6 * len(metrics) + 1.8, 0.45 * n + 1.9),
+        sharey=True,
+        constrained_layout=True,
+    )
+    axes = np.atleast_1d(axes)
+    y = np.arange(n)[::-1].astype(float)
+    for ax, metric in zip(axes, metrics, strict=True):
+        ax.axvline(0.0, color="black", lw=1)
+        if metric == "total_accuracy":
+            ax.axvline(-result.max_total_drop, color="tab:red", lw=1, ls="--")
+        for row, item in zip(y, result.results, strict=True):
+            color = "tab:blue" if item.eligible else "0.6"
+            if metric in item.cv.score_names:
+                column = item.cv.score_names.index(metric)
+                diffs = 100 * (item.cv.fold_scores[:, column] - item.cv.raw_fold_scores[:, column])
+                ax.errorbar(
+                    diffs.mean(),
+                    row + 0.18,
+                    xerr=diffs.std(),
+                    fmt="D",
+                    mfc="white",
+                    color=color,
+                    ms=5,
+                    capsize=2,
+                    lw=1,
+                )
+            if item.test is not None:
+                low, high = item.test.intervals.get(metric, (np.nan, np.nan))
+                change = 100 * item.test.change(metric)
+                xerr = [[max(change - 100 * low, 0)], [max(100 * high - change, 0)]]
+                ax.errorbar(
+                    change,
+                    row - 0.18,
+                    xerr=xerr,
+                    fmt="o",
+                    color=color,
+                    ms=5,
+                    capsize=3,
+                    lw=1.5,
+                )
+        ax.set_title(names[metric], fontsize=10)
+        ax.set_xlabel("change vs raw (points)", fontsize=8.5)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(
+        [f"{i.method} *" if i.method == result.recommended else i.method for i in result.results],
+        fontsize=9,
+    )
+    for label, item in zip(axes[0].get_yticklabels(), result.results, strict=True):
+        if item.method == result.recommended:
+            label.set_fontweight("bold")
+        if not item.eligible:
+            label.set_color("0.5")
+    lines = [title or "cnnbal compare"]
+    legend = f"hollow diamond: {result.n_folds}-fold CV on VAL (bar: fold spread)"
+    if has_test:
+        legend += "; dot: TEST (bar: 95% paired bootstrap interval)"
+    recommended = result.recommended or "none (keep raw)"
+    lines.append(f"{legend}. Recommended on VAL ({result.objective}): {recommended}")
+    fig.suptitle("\n".join(lines), fontsize=10)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -40,7 +40,7 @@ _LOWER_IS_BETTER = LOWER_IS_BETTER
 #: at the table's width).
 COMPARISON_NOTE = (
     "low-20% (paper): classes picked on the RAW results of this file, so biased upward; "
-    "low-20% (val-chosen) and worst-20% are not (README, Metrics; docs/method.md)."
+    "low-20% (val-chosen) and worst-20% are not (README, Metrics; docs/method.md section 5)."
 )
 
 
@@ -202,19 +202,16 @@ def info_sections(summary: dict, artifact, title: str = "") -> list:
         return table
 
     params = ", ".join(f"{k}={v:g}" for k, v in sorted(summary["params"].items())) or "none"
-    gate = summary["apply_gate"]
     correction = [
         ("file", title or "-"),
         ("method", summary["method"]),
+        ("kind", summary.get("kind", "affine")),
         ("parameters", params),
-        (
-            "apply gate",
-            "every output" if gate == float("inf") else f"outputs whose max prob < {gate:g}",
-        ),
-        ("classes", f"{summary['n_classes']:,}"),
-        ("|H - [I 0]|", f"{summary['h_distance_from_identity']:.4f}"),
-        ("max |H|", f"{summary['h_max_abs']:.4f}"),
     ]
+    if summary.get("hyper_choice"):
+        correction.append(("chosen", summary["hyper_choice"]))
+    correction += _correction_rows(summary)
+    correction.append(("classes", f"{summary['n_classes']:,}"))
     names = summary["class_names"]
     if names:
         shown = ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
@@ -227,9 +224,10 @@ def info_sections(summary: dict, artifact, title: str = "") -> list:
         for k in order
         if np.isfinite(acc[k])
     )
-    validation = [
-        ("samples", f"{n_val:,}"),
-        ("competitive", f"{n_comp:,} ({100 * n_comp / max(n_val, 1):.1f}%)"),
+    validation = [("samples", f"{n_val:,}")]
+    if summary.get("kind", "affine") == "affine":
+        validation.append(("competitive", f"{n_comp:,} ({100 * n_comp / max(n_val, 1):.1f}%)"))
+    validation += [
         (
             "per-class accuracy",
             f"{_fmt('acc', _num(summary['val_accuracy_min']))} .. "
@@ -254,6 +252,37 @@ def info_sections(summary: dict, artifact, title: str = "") -> list:
     return sections
 
 
+def _correction_rows(summary: dict) -> list[tuple[str, str]]:
+    """What the correction does, in the terms of its kind (see Artifact.describe)."""
+    kind = summary.get("kind", "affine")
+    if kind == "affine":
+        gate = summary["apply_gate"]
+        return [
+            (
+                "apply gate",
+                "every output" if gate == float("inf") else f"outputs whose max prob < {gate:g}",
+            ),
+            ("|H - [I 0]|", f"{summary['h_distance_from_identity']:.4f}"),
+            ("max |H|", f"{summary['h_max_abs']:.4f}"),
+        ]
+    if kind == "logit_bias":
+        return [
+            ("temperature", f"{summary['temperature']:g}"),
+            (
+                "bias",
+                f"{summary['bias_min']:+.4f} .. {summary['bias_max']:+.4f} "
+                f"(range {summary['bias_range']:.4f}; lowest {summary['bias_lowest_class']}, "
+                f"highest {summary['bias_highest_class']})",
+            ),
+        ]
+    if kind == "temperature":
+        return [("temperature", f"{summary['temperature']:.4f} (changes no prediction)")]
+    return [
+        ("scale", f"{summary['scale_min']:.4f} .. {summary['scale_max']:.4f}"),
+        ("bias", f"{summary['bias_min']:+.4f} .. {summary['bias_max']:+.4f}"),
+    ]
+
+
 def _class_label(k: int, names) -> str:
     return f"{k} ({names[k]})" if names else str(k)
 
@@ -270,6 +299,17 @@ def _provenance_rows(provenance: dict) -> list[tuple[str, str]]:
             rows += _sweep_rows(value)
         elif key == "fit_check" and isinstance(value, dict):
             rows += fit_check_rows(value)
+        elif key == "cv" and isinstance(value, dict):
+            rows += _cv_rows(value)
+        elif key == "compare" and isinstance(value, dict):
+            rows.append(
+                (
+                    "chosen by",
+                    f"cnnbal compare: {value.get('recommended')} recommended on VAL "
+                    f"({value.get('objective')}, CV total within "
+                    f"{value.get('max_total_drop')} pts of raw)",
+                )
+            )
         else:
             rows.append((key, _short(value)))
     return rows
@@ -316,6 +356,21 @@ def _sweep_rows(sweep: dict) -> list[tuple[str, str]]:
                 "cnnbal info --json)",
             )
         )
+    return rows
+
+
+def _cv_rows(cv: dict) -> list[tuple[str, str]]:
+    """How cross-validation chose a method's hyper-parameter (cnnbal.methods.MethodFit.cv)."""
+    rows = []
+    grid = ", ".join(f"{v:g}" for v in cv.get("grid", []))
+    rows.append(("cv grid", f"{cv.get('name')}: {grid}"))
+    rows.append(
+        (
+            "cv rule",
+            f"best {cv.get('objective')} with total at most {cv.get('max_total_drop')} pts below "
+            f"raw; {cv.get('n_folds')} folds (seed {cv.get('seed')})",
+        )
+    )
     return rows
 
 

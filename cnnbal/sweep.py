@@ -1,7 +1,7 @@
 """Choose ``r_low, r_high, beta, alpha`` by stratified k-fold cross-validation.
 
 The paper tuned its four hyper-parameters on test results (its Figure 3, one
-parameter varied at a time around ``(0.1, 0.8, 1.5, 3)``; METHOD.md 5). Here
+parameter varied at a time around ``(0.1, 0.8, 1.5, 3)``; docs/method.md section 6). Here
 they are chosen on the validation set only: fit H on k-1 folds, score the
 corrected outputs of the held-out fold, average over folds, and pick the
 configuration with the best mean objective among those whose cross-validated
@@ -11,10 +11,10 @@ The sweep is many fits of the same data, so the work is shared (all exact,
 the same equations as :func:`cnnbal.core.fit_elaborated`):
 
 - per fold: the float64 renormalised rows, the per-class accuracies and their
-  floors (METHOD.md 2, steps 1 and 3 edge cases) and the held-out class set of
+  floors (docs/method.md section 3, steps 1 and 3 edge cases) and the held-out class set of
   ``low20_val``;
-- per fold and ``(r_low, r_high)``: the competitive set (METHOD.md 2, step 2)
-  and the held-out rows the apply gate lets through (METHOD.md 3);
+- per fold and ``(r_low, r_high)``: the competitive set (docs/method.md section 3, step 2)
+  and the held-out rows the apply gate lets through (docs/method.md section 4);
 - per fold, ``(r_low, r_high)`` and ``beta``: the sample part of the normal
   equations, one ``(P_R s)^T (P_R s)`` product;
 - per ``alpha``: only the padding rows change (they add to the diagonal and to
@@ -89,7 +89,7 @@ SCORE_NAMES = (
     "low20_val_accuracy",
 )
 #: Objective names (the CLI's ``--objective``) and the score each maximises
-#: (METHOD.md 4). ``low20_val`` picks its classes by the training folds'
+#: (docs/method.md section 5). ``low20_val`` picks its classes by the training folds'
 #: accuracies, so the held-out fold plays no part in the choice of classes.
 OBJECTIVES: dict[str, str] = {
     "worst20": "worst20_accuracy",
@@ -189,7 +189,7 @@ def grid_configs(
     """Every combination of the given values (``--mode grid``).
 
     Values are sorted and de-duplicated. Combinations with ``r_low >= r_high``
-    are left out: their competitive set is empty by definition (METHOD.md 2,
+    are left out: their competitive set is empty by definition (docs/method.md section 3,
     step 2), so H would be the identity.
 
     Returns
@@ -578,7 +578,7 @@ def run_sweep(
     correct the held-out fold as :func:`cnnbal.core.apply_correction` does
     (gate ``r_high``), and score it with the metrics of
     :func:`cnnbal.metrics.summarize` (``low20_val`` on the classes with the
-    lowest training-fold accuracy, METHOD.md 4). The results equal that plain
+    lowest training-fold accuracy, docs/method.md section 5). The results equal that plain
     loop; the shared work (module docstring) makes it several times faster.
 
     Parameters
@@ -723,7 +723,7 @@ def _fold_fits(probs, p64, labels, folds, groups, n_classes) -> Iterator[_FitSte
                         H = identity_h(n_classes)  # as fit_elaborated: empty set, identity
                     pred = fold.raw_pred.copy()
                     if gated_probs.shape[0]:
-                        # rows above the gate are left as they are (METHOD.md 3)
+                        # rows above the gate are left as they are (docs/method.md section 4)
                         pred[gated] = apply_correction(H, gated_probs).argmax(axis=1)
                     yield _FitStep(
                         fold_index=k,
@@ -833,7 +833,7 @@ class _SampleSystem:
 
     @classmethod
     def build(cls, fold: _Fold, r_low: float, r_high: float, n_classes: int) -> _SampleSystem:
-        # competitive_mask of METHOD.md 2 step 2, on the precomputed columns
+        # competitive_mask of docs/method.md section 3 step 2, on the precomputed columns
         mask = (fold.train_true_prob > r_low) & (fold.train_max < r_high)
         probs, labels = fold.train_probs[mask], fold.train_labels[mask]
         return cls(
@@ -880,7 +880,7 @@ def _sum_sorted_by_class(rows: np.ndarray, labels: np.ndarray, n_classes: int) -
 def _add_padding(
     base_gram: np.ndarray, base_rhs: np.ndarray, alpha: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The identity padding rows of METHOD.md 2 step 4, added as ``_elaborated_system`` does.
+    """Identity padding rows (docs/method.md section 3, step 4) as ``_elaborated_system`` adds.
 
     ``base_*`` were built with ``alpha = 0`` (which already holds the K in the
     corner); the additions below are the same floating-point operations in the
@@ -940,7 +940,7 @@ def _small_blas_threads(n_classes: int) -> Iterator[None]:
     The products and solves of a sweep are small; with several BLAS threads
     (and numpy's and scipy's separate OpenBLAS copies) they spend more time
     synchronising than computing, and on a busy machine a step can stall for
-    100 ms (METHOD.md 6). Large K keeps the default threads.
+    100 ms (docs/method.md section 7.1). Large K keeps the default threads.
     """
     if n_classes > _SINGLE_THREAD_MAX_CLASSES:
         yield

@@ -24,7 +24,7 @@ from tests.conftest import make_outputs
 
 
 def stacked_elaborated(probs, labels, params=FitParams()):
-    """METHOD.md 2 written literally: stack the weighted rows and call pinv (independent)."""
+    """docs/method.md section 3 literally: stack the weighted rows, call pinv (independent)."""
     p = probs.astype(np.float64)
     p = p / p.sum(axis=1, keepdims=True)
     k = p.shape[1]
@@ -64,7 +64,7 @@ def test_elaborated_hand_computed_two_classes():
 
 def test_naive_hand_computed_two_classes():
     # Two samples, two classes: an exact fit exists; the minimum-norm one is
-    # W0 = P^-1 = [[8, -2], [-1, 9]] / 7, b = W0 1 / 3, W = W0 - b 1^T (METHOD.md 6).
+    # W0 = P^-1 = [[8, -2], [-1, 9]] / 7, b = W0 1 / 3, W = W0 - b 1^T (docs/method.md section 7.3).
     probs = np.array([[0.9, 0.1], [0.2, 0.8]])
     labels = np.array([0, 1])
     result = fit_naive(probs, labels)
@@ -99,7 +99,7 @@ def test_naive_agrees_with_pinv_on_stacked_rows():
 
 
 def test_huge_alpha_pins_w_to_identity_but_not_the_bias():
-    # The padding rows are [alpha e_k, 1] (appended 1, not alpha: METHOD.md 2), so
+    # The padding rows are [alpha e_k, 1] (appended 1, not alpha: docs/method.md section 3), so
     # they are met exactly by W = I - b 1^T / alpha for ANY bias b. As alpha grows,
     # H tends to [I b*], with b* the s^2-weighted mean of (e_c - p_n) over the
     # competitive set: a pure shift, not the identity.

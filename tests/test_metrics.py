@@ -1,4 +1,4 @@
-"""Metrics of METHOD.md 4 on hand-computed examples."""
+"""Metrics of docs/method.md section 5 on hand-computed examples."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Every problem is a :class:`~cnnbal.errors.CnnbalError` whose message starts
 with the file name. Arrays leaving this module are validated: finite,
 non-negative, rows summing to 1 within :data:`ROW_SUM_TOLERANCE`, labels
 integer and in range; subnormal values are flushed to zero (they slow BLAS by
-2-4x, METHOD.md 6).
+2-4x, docs/method.md section 7.5).
 """
 
 from cnnbal.io.options import (

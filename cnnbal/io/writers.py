@@ -208,7 +208,7 @@ class TableWriter:
     line break.
 
     Parquet is written without dictionary encoding (it only makes float columns
-    bigger and slower, METHOD.md 6) in row groups of at most :data:`CHUNK_ROWS`.
+    bigger and slower, docs/method.md section 7.7) in row groups of at most :data:`CHUNK_ROWS`.
     Float columns are stored uncompressed: snappy saves about 2.5% on softmax
     scores and costs about 20% of the write time; other columns (ids, paths)
     keep snappy.

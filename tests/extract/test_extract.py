@@ -1,4 +1,7 @@
-"""cnnbal extract: probabilities equal a direct forward pass; layouts, errors, atomic output."""
+"""cnnbal extract: probabilities equal a direct CPU forward pass; layouts, errors, atomic output.
+
+Every comparison with a CPU forward pass pins the CPU (see tests/extract/helpers.py).
+"""
 
 from __future__ import annotations
 
@@ -12,148 +15,33 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("PIL.Image")
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-import typer  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
 from cnnbal import extract as api  # noqa: E402
-from cnnbal.cli_extract import extract_command  # noqa: E402
 from cnnbal.errors import CnnbalError  # noqa: E402
-
-TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
-CLASSES = ["cat", "dog", "emu"]
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-# Width x height of the generated images: portrait, landscape and square.
-SIZES = [(20, 26), (27, 19), (22, 22)]
-
-# Recent torch deprecates TorchScript, but it is the archive format extract reads.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
+from tests.extract.helpers import (  # noqa: E402
+    CLASSES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    REPO_ROOT,
+    TORCHSCRIPT_WARNING,
+    error_line,
+    forward,
+    read_vectors,
+    reference_input,
+    run_cli,
+    write_png,
 )
 
-app = typer.Typer()
-app.command("extract")(extract_command)
+pytestmark = TORCHSCRIPT_WARNING
 
 
-@app.command("other")
-def _other() -> None:
-    """A second command, so that the app dispatches on the command name."""
-
-
-runner = CliRunner()
-
-
-# ---------------------------------------------------------------------------
-# Fixtures: a seeded tiny CNN saved both ways, and generated images.
-
-
-@pytest.fixture(autouse=True)
-def _factory_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS_DIR))
-
-
-@pytest.fixture
-def model():
-    """A tiny CNN with weights unlike the factory's default (so --weights must be loaded)."""
-    from _tiny_model import TinyNet
-
-    torch.manual_seed(1)
-    return TinyNet().eval()
-
-
-@pytest.fixture
-def scripted_path(model, tmp_path):
-    path = tmp_path / "model.pt"
-    torch.jit.save(torch.jit.script(model), path)
-    return path
-
-
-@pytest.fixture
-def weights_path(model, tmp_path):
-    path = tmp_path / "state.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def _write_png(path: Path, width: int, height: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-
-
-@pytest.fixture
-def class_folder(tmp_path):
-    """data/cat, data/dog, data/emu with three PNGs of different sizes each."""
-    root = tmp_path / "data"
-    for class_index, name in enumerate(CLASSES):
-        for image_index, (width, height) in enumerate(SIZES):
-            seed = 10 * class_index + image_index
-            _write_png(root / name / f"img{image_index}.png", width, height, seed)
-    return root
-
-
-@pytest.fixture
-def flat_folder(tmp_path):
-    root = tmp_path / "flat"
-    for image_index in range(4):
-        _write_png(root / f"x{image_index}.png", 16, 16, seed=100 + image_index)
-    (root / "notes.txt").write_text("not an image, ignored")
-    return root
-
-
-# ---------------------------------------------------------------------------
-# An independent formulation of the preprocessing (Pillow + numpy only).
-
-
-def reference_input(path, size=None, crop=None, mode="RGB", mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Decode, resize the shorter side to `size`, center-crop, scale, normalise: (C, H, W)."""
-    image = Image.open(path).convert(mode)
-    if size is not None:
-        width, height = image.size
-        if width <= height:
-            new_size = (size, int(size * height / width))
-        else:
-            new_size = (int(size * width / height), size)
-        image = image.resize(new_size, Image.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    if crop is not None:
-        height, width = pixels.shape[:2]
-        top, left = round((height - crop) / 2), round((width - crop) / 2)
-        pixels = pixels[top : top + crop, left : left + crop]
-    pixels = (pixels - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-
-
-def forward(model, inputs):
-    with torch.no_grad():
-        logits = model(torch.stack(list(inputs))).float()
-    return logits.numpy(), torch.softmax(logits, dim=1).numpy()
-
-
-def read_vectors(table, column):
-    values = table.column(column).combine_chunks()
-    width = values.type.list_size
-    return values.flatten().to_numpy().reshape(-1, width)
-
-
-def run_cli(*args):
-    return runner.invoke(app, ["extract", *map(str, args)])
-
-
-def error_line(result):
-    """The CLI's whole stderr, which must be one line starting with 'error: '."""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
+def run_cpu(*args):
+    """The command pinned to the CPU: its results are compared with a CPU forward pass."""
+    return run_cli(*args, "--device", "cpu")
 
 
 # ---------------------------------------------------------------------------
@@ -197,9 +85,9 @@ def test_cli_torchscript_and_factory_give_the_same_file(
     model, class_folder, scripted_path, weights_path, tmp_path
 ):
     scripted_out, factory_out = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    result = run_cli(scripted_path, class_folder, "-o", scripted_out, "--size", 16, "--crop", 16)
+    result = run_cpu(scripted_path, class_folder, "-o", scripted_out, "--size", 16, "--crop", 16)
     assert result.exit_code == 0, result.output
-    result = run_cli(
+    result = run_cpu(
         "_tiny_model:make_model", class_folder, "-o", factory_out,
         "--weights", weights_path, "--size", 16, "--crop", 16,
     )  # fmt: skip
@@ -263,10 +151,10 @@ def test_errors_from_worker_processes_stay_one_line(scripted_path, class_folder,
     broken = class_folder / "emu" / "zz_broken.png"
     broken.write_bytes(b"not a png")
     args = [scripted_path, class_folder, "--crop", 16, "--workers", 2, "--batch-size", 2]
-    result = run_cli(*args, "-o", tmp_path / "o.parquet")
+    result = run_cpu(*args, "-o", tmp_path / "o.parquet")
     assert result.exit_code == 2
     assert str(broken) in error_line(result)
-    result = run_cli(*args, "-o", tmp_path / "o.parquet", "--skip-bad")
+    result = run_cpu(*args, "-o", tmp_path / "o.parquet", "--skip-bad")
     assert result.exit_code == 0, result.output
     assert pq.read_table(tmp_path / "o.parquet").num_rows == 9
 
@@ -288,7 +176,9 @@ def test_grayscale_channel_choice(class_folder, tmp_path):
 def test_bf16_autocast_on_cpu_still_gives_float32_distributions(model, class_folder, tmp_path):
     out = tmp_path / "bf16.parquet"
     prep = api.Preprocessing(size=16, crop=16)
-    api.extract(model, api.discover(class_folder), out, preprocessing=prep, amp="bf16")
+    api.extract(
+        model, api.discover(class_folder), out, preprocessing=prep, amp="bf16", device="cpu"
+    )
     probs = read_vectors(pq.read_table(out), "probs")
     assert probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
@@ -311,7 +201,7 @@ def test_npz_uint8_nhwc_with_labels(tmp_path):
     np.savez(data, images=images, labels=labels)
     out = tmp_path / "probs.parquet"
 
-    result = run_cli("_tiny_model:make_model", data, "-o", out, "--batch-size", 2)
+    result = run_cpu("_tiny_model:make_model", data, "-o", out, "--batch-size", 2)
     assert result.exit_code == 0, result.output
 
     table = pq.read_table(out)
@@ -332,7 +222,7 @@ def test_npy_float_nchw_with_labels_file(model, tmp_path):
     out = tmp_path / "probs.parquet"
     source = api.discover(data, labels_path=labels_file)
     assert isinstance(source.images, np.memmap)
-    api.extract(model, source, out, batch_size=4)
+    api.extract(model, source, out, batch_size=4, device="cpu")
 
     table = pq.read_table(out)
     assert table.column("label").to_pylist() == [2, 1, 0, 0, 1, 2]
@@ -347,7 +237,8 @@ def test_npz_without_labels_and_crop(model, tmp_path):
     data = tmp_path / "unlabelled.npz"
     np.savez(data, images=images)
     out = tmp_path / "probs.parquet"
-    api.extract(model, api.discover(data), out, preprocessing=api.Preprocessing(crop=10))
+    prep = api.Preprocessing(crop=10)
+    api.extract(model, api.discover(data), out, preprocessing=prep, device="cpu")
     table = pq.read_table(out)
     assert table.schema.names == ["probs", "path"]
     cropped = images[:, 2:12, 4:14].astype(np.float32) / np.float32(255)
@@ -374,7 +265,7 @@ def test_array_channel_conversion_and_resize(tmp_path, images, channels):
     np.save(data, images)
     out = tmp_path / "probs.parquet"
     prep = api.Preprocessing(size=6, channels=channels, mean=(0.5,), std=(0.25,))
-    api.extract(model, api.discover(data), out, preprocessing=prep)
+    api.extract(model, api.discover(data), out, preprocessing=prep, device="cpu")
     expected_input = torch.full((3, channels, 6, 8), (200 / 255 - 0.5) / 0.25)
     _, expected = forward(model, expected_input)
     np.testing.assert_allclose(read_vectors(pq.read_table(out), "probs"), expected, atol=1e-5)
@@ -389,12 +280,12 @@ def test_failing_run_leaves_no_file_and_keeps_the_old_one(scripted_path, class_f
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "probs.parquet"
-    result = run_cli(scripted_path, class_folder, "-o", out, "--batch-size", 2, "--crop", 16)
+    result = run_cpu(scripted_path, class_folder, "-o", out, "--batch-size", 2, "--crop", 16)
     assert result.exit_code == 2
     assert list(out_dir.iterdir()) == []
 
     out.write_bytes(b"previous contents")
-    result = run_cli(scripted_path, class_folder, "-o", out, "--batch-size", 2, "--crop", 16)
+    result = run_cpu(scripted_path, class_folder, "-o", out, "--batch-size", 2, "--crop", 16)
     assert result.exit_code == 2
     assert out.read_bytes() == b"previous contents"
     assert list(out_dir.iterdir()) == [out]
@@ -415,6 +306,7 @@ def test_interrupt_removes_the_temporary_file(model, class_folder, tmp_path):
             out_dir / "probs.parquet",
             preprocessing=api.Preprocessing(crop=16),
             batch_size=2,
+            device="cpu",
             progress=interrupt,
         )
     assert list(out_dir.iterdir()) == []
@@ -425,7 +317,7 @@ def test_cli_interrupt_exits_130(monkeypatch, scripted_path, flat_folder, tmp_pa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(api, "extract", interrupted)
-    result = run_cli(scripted_path, flat_folder, "-o", tmp_path / "o.parquet")
+    result = run_cpu(scripted_path, flat_folder, "-o", tmp_path / "o.parquet")
     assert result.exit_code == 130
     assert result.stderr.strip() == "interrupted"
 
@@ -442,7 +334,7 @@ def test_never_overwrites_the_input(model, class_folder, tmp_path):
     ]:
         before = out.read_bytes()
         with pytest.raises(CnnbalError, match="is an input file"):
-            api.extract(model, api.discover(source), out)
+            api.extract(model, api.discover(source), out, device="cpu")
         assert out.read_bytes() == before
 
 
@@ -454,6 +346,7 @@ def test_progress_callback_counts_every_image(model, class_folder, tmp_path):
         tmp_path / "p.parquet",
         preprocessing=api.Preprocessing(crop=16),
         batch_size=4,
+        device="cpu",
         progress=lambda done, total: calls.append((done, total)),
     )
     assert calls == [(4, 9), (8, 9), (9, 9)]
@@ -466,14 +359,14 @@ def test_progress_callback_counts_every_image(model, class_folder, tmp_path):
 def test_model_file_that_does_not_load(class_folder, tmp_path):
     bad_model = tmp_path / "garbage.pt"
     bad_model.write_bytes(b"definitely not a zip archive")
-    result = run_cli(bad_model, class_folder, "-o", tmp_path / "o.parquet")
+    result = run_cpu(bad_model, class_folder, "-o", tmp_path / "o.parquet")
     assert result.exit_code == 2
     assert str(bad_model) in error_line(result)
 
 
 def test_output_width_differs_from_class_folders(scripted_path, class_folder, tmp_path):
-    _write_png(class_folder / "fox" / "a.png", 20, 20, seed=1)
-    result = run_cli(scripted_path, class_folder, "-o", tmp_path / "o.parquet", "--crop", 16)
+    write_png(class_folder / "fox" / "a.png", 20, 20, seed=1)
+    result = run_cpu(scripted_path, class_folder, "-o", tmp_path / "o.parquet", "--crop", 16)
     assert result.exit_code == 2
     line = error_line(result)
     assert str(class_folder) in line and "4 class folders" in line and "3 classes" in line
@@ -482,7 +375,7 @@ def test_output_width_differs_from_class_folders(scripted_path, class_folder, tm
 def test_unreadable_image_is_named(scripted_path, class_folder, tmp_path):
     broken = class_folder / "dog" / "broken.png"
     broken.write_bytes(b"\x89PNG but truncated")
-    result = run_cli(scripted_path, class_folder, "-o", tmp_path / "o.parquet", "--crop", 16)
+    result = run_cpu(scripted_path, class_folder, "-o", tmp_path / "o.parquet", "--crop", 16)
     assert result.exit_code == 2
     assert str(broken) in error_line(result)
     assert not (tmp_path / "o.parquet").exists()
@@ -492,7 +385,7 @@ def test_skip_bad_skips_and_counts(scripted_path, class_folder, tmp_path):
     broken = class_folder / "dog" / "broken.png"
     broken.write_bytes(b"\x89PNG but truncated")
     out = tmp_path / "o.parquet"
-    result = run_cli(scripted_path, class_folder, "-o", out, "--crop", 16, "--skip-bad")
+    result = run_cpu(scripted_path, class_folder, "-o", out, "--crop", 16, "--skip-bad")
     assert result.exit_code == 0, result.output
     assert "extracted 9 images, skipped 1 unreadable" in result.stderr
     assert f"skipped: {broken}" in result.stderr
@@ -504,14 +397,14 @@ def test_skip_bad_skips_and_counts(scripted_path, class_folder, tmp_path):
 def test_empty_folder(scripted_path, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_cli(scripted_path, empty, "-o", tmp_path / "o.parquet")
+    result = run_cpu(scripted_path, empty, "-o", tmp_path / "o.parquet")
     assert result.exit_code == 2
     assert str(empty) in error_line(result)
 
 
 def test_empty_class_folder(scripted_path, class_folder, tmp_path):
     (class_folder / "zebra").mkdir()
-    result = run_cli(scripted_path, class_folder, "-o", tmp_path / "o.parquet")
+    result = run_cpu(scripted_path, class_folder, "-o", tmp_path / "o.parquet")
     assert result.exit_code == 2
     assert str(class_folder / "zebra") in error_line(result)
 
@@ -525,7 +418,7 @@ def test_empty_class_folder(scripted_path, class_folder, tmp_path):
     ],
 )
 def test_factory_that_does_not_import(class_folder, tmp_path, spec, expected):
-    result = run_cli(spec, class_folder, "-o", tmp_path / "o.parquet")
+    result = run_cpu(spec, class_folder, "-o", tmp_path / "o.parquet")
     assert result.exit_code == 2
     line = error_line(result)
     assert spec in line and expected in line
@@ -536,7 +429,7 @@ def test_weights_that_do_not_fit(class_folder, tmp_path):
 
     wrong = tmp_path / "wrong.pt"
     torch.save(TinyNet(n_classes=5).state_dict(), wrong)
-    result = run_cli("_tiny_model:make_model", class_folder, "-o", tmp_path / "o.parquet",
+    result = run_cpu("_tiny_model:make_model", class_folder, "-o", tmp_path / "o.parquet",
                      "--weights", wrong)  # fmt: skip
     assert result.exit_code == 2
     assert str(wrong) in error_line(result)
@@ -550,7 +443,7 @@ def test_weights_are_not_unpickled_as_arbitrary_objects(class_folder, tmp_path):
 
 
 def test_images_of_different_sizes_need_resizing(scripted_path, class_folder, tmp_path):
-    result = run_cli(scripted_path, class_folder, "-o", tmp_path / "o.parquet")
+    result = run_cpu(scripted_path, class_folder, "-o", tmp_path / "o.parquet")
     assert result.exit_code == 2
     assert "--size" in error_line(result)
 
@@ -561,7 +454,10 @@ def test_images_of_different_sizes_need_resizing(scripted_path, class_folder, tm
         (["--mean", "0.5,0.5"], "--mean"),
         (["--std", "0,1,1"], "--std"),
         (["--channels", "2"], "--channels"),
-        (["--device", "cuda:7"], "--device"),
+        # refused whatever GPUs the machine has (cuda:N against the count: test_extract_devices)
+        (["--device", "cpu:1"], "--device"),
+        (["--device", "gpu"], "--device"),
+        (["--device", "cuda:-1"], "--device"),
         (["--amp", "fp16", "--device", "cpu"], "--amp"),
     ],
 )
@@ -578,15 +474,15 @@ def test_bad_arrays(scripted_path, tmp_path):
     }
     for name, array in cases.items():
         np.save(tmp_path / name, array)
-        result = run_cli(scripted_path, tmp_path / name, "-o", tmp_path / "o.parquet")
+        result = run_cpu(scripted_path, tmp_path / name, "-o", tmp_path / "o.parquet")
         assert result.exit_code == 2
         assert str(tmp_path / name) in error_line(result)
     np.savez(tmp_path / "nokey.npz", pixels=np.zeros((2, 8, 8, 3), dtype=np.uint8))
-    result = run_cli(scripted_path, tmp_path / "nokey.npz", "-o", tmp_path / "o.parquet")
+    result = run_cpu(scripted_path, tmp_path / "nokey.npz", "-o", tmp_path / "o.parquet")
     assert "'images'" in error_line(result)
     np.save(tmp_path / "ok.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
     np.save(tmp_path / "labels.npy", np.array([0, 1, 2]))
-    result = run_cli(scripted_path, tmp_path / "ok.npy", "-o", tmp_path / "o.parquet",
+    result = run_cpu(scripted_path, tmp_path / "ok.npy", "-o", tmp_path / "o.parquet",
                      "--labels", tmp_path / "labels.npy")  # fmt: skip
     assert "3 labels for 2 images" in error_line(result)
 
@@ -619,25 +515,34 @@ def test_command_in_a_real_process(scripted_path, class_folder, tmp_path):
     args = [str(scripted_path), str(class_folder), "-o", str(out), "--size", "16", "--crop", "16"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=tmp_path
+        [sys.executable, "-c", code, *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
+    # device "auto": CUDA on a GPU machine; the expectation reads the device from the output
+    summary = json.loads(done.stdout)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1  # a summary, no progress bar in a pipe
-    assert lines[0].startswith("extracted 9 images on cpu in ")
+    precision = summary["precision"]
+    assert lines[0].startswith(f"extracted 9 images on {summary['device']} ({precision}) in ")
     assert "images/s" in lines[0]
-    assert pq.read_table(out).num_rows == 9
+    table = pq.read_table(out)
+    assert table.num_rows == 9 == summary["rows"]
+    np.testing.assert_allclose(read_vectors(table, "probs").sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_classes_file_names_a_flat_folder(scripted_path, flat_folder, tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("ant\nbee\ncow\n")
     out = tmp_path / "named.parquet"
-    result = run_cli(scripted_path, flat_folder, "-o", out, "--classes", classes)
+    result = run_cpu(scripted_path, flat_folder, "-o", out, "--classes", classes)
     assert result.exit_code == 0, result.output
     meta = pq.read_schema(out).metadata
     assert json.loads(meta[b"cnnbal.class_names"]) == ["ant", "bee", "cow"]
     classes.write_text("ant\nbee\n")
-    bad = run_cli(scripted_path, flat_folder, "-o", tmp_path / "x.parquet", "--classes", classes)
+    bad = run_cpu(scripted_path, flat_folder, "-o", tmp_path / "x.parquet", "--classes", classes)
     assert bad.exit_code == 2
     assert "2 class names but the model outputs 3" in bad.stderr
