@@ -154,7 +154,7 @@ def predict(fitted, probs: np.ndarray, raw_pred: np.ndarray | None = None) -> np
     fitted : object
         Either has ``apply(probs) -> scores`` (any correction), or ``H`` and
         ``apply_gate`` (an affine :class:`~cnnbal.core.FitResult`, corrected
-        as :func:`cnnbal.core.apply_correction` does, METHOD.md 3).
+        as :func:`cnnbal.core.apply_correction` does, docs/method.md 3).
     probs : ndarray of shape (n_samples, n_classes)
     raw_pred : ndarray of shape (n_samples,), optional
         ``probs.argmax(axis=1)`` if the caller has it already.
@@ -175,7 +175,7 @@ def predict(fitted, probs: np.ndarray, raw_pred: np.ndarray | None = None) -> np
 
 
 def _corrected_argmax(H: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    # clipping and renormalising never change the argmax (METHOD.md 3): skip them
+    # clipping and renormalising never change the argmax (docs/method.md 3): skip them
     return apply_correction(H, probs, clip=False).argmax(axis=1)
 
 
@@ -315,8 +315,8 @@ def _scores(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
 def _elaborated_folds(probs, labels, folds, params: FitParams, raw_pred: np.ndarray):
     """Held-out scores of the elaborated fit, sharing the per-row work across folds.
 
-    Whether a row is competitive (METHOD.md 2, step 2), its renormalised float64
-    copy, its argmax and its apply gate (METHOD.md 3) do not depend on which
+    Whether a row is competitive (docs/method.md 2, step 2), its renormalised float64
+    copy, its argmax and its apply gate (docs/method.md 3) do not depend on which
     other rows are in the training part, so they are computed once, and so are
     the per-class sums of the competitive rows of each fold (a training part's
     sums are the total minus its held-out fold's). Per fold remain the training
