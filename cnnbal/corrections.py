@@ -1,4 +1,4 @@
-"""The kinds of output correction cnnbal can fit and apply (docs/method.md).
+"""The kinds of output correction cnnbal can fit and apply (docs/method.md section 8).
 
 A :class:`Correction` is a kind and a few named float64 arrays:
 

@@ -1,4 +1,4 @@
-"""Balancing and calibration methods beyond the paper, chosen honestly (docs/method.md).
+"""Balancing and calibration methods beyond the paper, chosen honestly (docs/method.md section 8).
 
 Every method fits a :class:`~cnnbal.corrections.Correction` on validation
 outputs; hyper-parameters not given are chosen by stratified k-fold
@@ -25,9 +25,28 @@ method                 kind            what is fitted (``z = log p``, ``q = soft
 =====================  ==============  =====================================================
 
 ``CE_k(b)`` is the mean cross-entropy ``-log q_{n, c_n}`` over the validation
-samples of class k. Smooth problems are solved with L-BFGS (scipy) and
-analytic gradients; see :func:`_BiasProblem` for the shared evaluation, which
-costs two matrix-vector products per step.
+samples of class k.
+
+A class with no labelled samples in the data a fit sees (the validation set,
+or a CV training fold) keeps a neutral parameter, because every labelled
+objective above is lowest when such a class is never predicted (its bias
+would run to about -20 nats and the class would vanish from the test
+predictions). ``class-balanced-ce``, ``class-dro`` and labelled
+``prior-match`` are fitted on the other classes' columns only (softmax and
+target prior restricted to them; all three are blind to a common shift of
+the biases) and the class gets the mean of the fitted biases, i.e. 0 after
+centring; ``logit-adjust`` gives it 0 too (its mean prediction on a set
+without the class says nothing about the class's prior); ``vector-scaling``
+gives it the mean of the fitted scales and bias 0, so that where the fit is
+a common temperature the class is predicted exactly as the others;
+``worst20-ascent`` never raises it (it only raises the worst classes
+present), as any class it does not raise. :attr:`MethodFit.warnings` names
+these classes. Without labels (``prior-match --unlabelled``) no class can be
+known to be absent and nothing is pinned.
+
+Smooth problems are solved with L-BFGS (scipy) and analytic gradients; see
+:func:`_BiasProblem` for the shared evaluation, which costs two matrix-vector
+products per step.
 
 Pure functions: no printing, no files; randomness takes a seed.
 """
@@ -43,7 +62,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cnnbal.core import DEFAULT_PARAMS, FitParams, FitResult, class_accuracy
+from cnnbal.core import DEFAULT_PARAMS, FitParams, FitResult, _class_list, class_accuracy
 from cnnbal.corrections import Correction, log_probs, normalised_log
 from cnnbal.errors import CnnbalError
 from cnnbal.metrics import low_fraction_count, lowest_classes
@@ -347,6 +366,13 @@ def _fit_method(
     fitter = _FITTERS[method]
     z = log_probs(probs)
     fit_labels = None if unlabelled else labels
+    if counts is not None and not unlabelled and method in _PER_CLASS_METHODS:
+        empty = tuple(int(k) for k in np.flatnonzero(counts == 0))
+        if empty:
+            notes.append(
+                f"{len(empty)} class(es) with no validation samples keep a neutral "
+                f"{_PER_CLASS_METHODS[method]}: {_class_list(empty)}"
+            )
     names = tuple(HYPERPARAMS[method])
     missing = [n for n in names if n not in hyper]
     cv_record = None
@@ -665,9 +691,9 @@ def _target_prior(
 def _resolve_prior(target, labels: np.ndarray | None, n_classes: int) -> np.ndarray:
     if not isinstance(target, str):
         return target
-    # "val": the label frequencies, floored at half a sample so no class gets -inf
+    # "val": the label frequencies; every class has a sample here, because a class
+    # without one is left out of the fit before (_on_present_classes)
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    counts = np.maximum(counts, 0.5)
     return counts / counts.sum()
 
 
@@ -825,7 +851,7 @@ def _one_blas_thread():
 
     On a busy 2-core machine a multi-threaded (N x K) @ (K,) product took
     11-40 ms against ~1 ms on one thread (5,000 x 100); numpy's and scipy's
-    separate OpenBLAS copies make it worse (docs/method.md, numerics).
+    separate OpenBLAS copies make it worse (docs/method.md section 7.1).
     """
     try:
         from threadpoolctl import threadpool_limits
@@ -922,6 +948,60 @@ def _class_losses(problem, true_z, labels, counts, b, weights):
     sums = np.bincount(labels, weights=per_sample, minlength=len(counts))
     ce = np.where(present, sums / np.maximum(counts, 1), 0.0)
     return ce, mean_q
+
+
+def _absent_classes(labels: np.ndarray | None, n_classes: int) -> np.ndarray | None:
+    """Boolean mask of the classes with no sample in ``labels``; None when none is absent.
+
+    None also without labels (nothing can be known to be absent), so that a fit
+    on data where every class is present runs exactly as before.
+    """
+    if labels is None:
+        return None
+    absent = np.bincount(labels, minlength=n_classes) == 0
+    return absent if absent.any() else None
+
+
+def _on_present_classes(fitter):
+    """Run a shift-invariant logit-bias ``fitter`` on the columns of the classes present.
+
+    Every labelled bias objective is lowest when a class without samples is
+    never predicted, so such a class is left out of the problem (its column of
+    ``z`` and its share of the target prior) and gets the mean of the fitted
+    biases: the fitted biases are centred, so that is exactly 0. The fitters
+    wrapped are blind to a common shift of the biases, so the mean is the one
+    value that says nothing about the class.
+    """
+
+    def fit_present(z, labels, hypers, target, x0):
+        n_classes = z.shape[1]
+        absent = _absent_classes(labels, n_classes)
+        if absent is None:
+            return fitter(z, labels, hypers, target, x0)
+        present = ~absent
+        new_index = np.cumsum(present) - 1  # old class -> index among the present
+        if not isinstance(target, str):
+            target = target[present] / target[present].sum()
+        corrections = fitter(
+            z[:, present],
+            new_index[labels],
+            hypers,
+            target,
+            None if x0 is None else x0[present],
+        )
+        out = []
+        for correction in corrections:
+            fitted = correction.params["bias"]
+            bias = np.zeros(n_classes)
+            bias[present] = fitted - fitted.mean()
+            out.append(
+                Correction.logit_bias(bias, temperature=float(correction.params["temperature"]))
+            )
+        return out
+
+    fit_present.__doc__ = fitter.__doc__
+    fit_present.__wrapped__ = fitter
+    return fit_present
 
 
 def _fit_class_balanced_ce(z, labels, hypers, target, x0):
@@ -1044,11 +1124,19 @@ def _fit_logit_adjust(z, labels, hypers, target, x0):
     training on data we cannot see, the model's own mean prediction on
     validation is the estimate at hand. Centred (softmax ignores a constant).
     """
-    del labels, target, x0
+    del target, x0
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     log_pi = np.log(np.maximum(p.mean(axis=0), np.finfo(np.float64).tiny))
-    log_pi -= log_pi.mean()
+    absent = _absent_classes(labels, z.shape[1])
+    if absent is None:
+        log_pi -= log_pi.mean()
+    else:
+        # a set without class k predicts k rarely because k is not there, not
+        # because the model learnt a small prior for k: its small mean output
+        # would become a large raise. The class keeps the centre, 0.
+        log_pi -= log_pi[~absent].mean()
+        log_pi[absent] = -0.0  # so that -tau * it is +0.0 (tau >= 0)
     return [Correction.logit_bias(-hyper["tau"] * log_pi) for hyper in hypers]
 
 
@@ -1078,13 +1166,51 @@ def _fit_temperature(z, labels, hypers, target, x0):
 def _fit_vector_scaling(z, labels, hypers, target, x0):
     """``min_{a, c} mean_n -log softmax(a * z_n + c)_{c_n}``, started at ``a = 1, c = 0``.
 
-    Gradients: ``d/dc = mean_n (q_n - e_{c_n})``, ``d/da_k = mean_n (q_nk - e_{c_n k}) z_nk``.
+    ``z`` is renormalised per row first (:func:`normalised_log`, as apply
+    does). A class without samples is left out of the NLL, which is lowest
+    when such a class is never predicted (its bias would run to about -20);
+    it gets the mean of the fitted scales, because a scale common to all
+    classes is temperature scaling and keeps every prediction, and the mean
+    bias, 0 after centring.
     """
     del hypers, target, x0
-    n, n_classes = z.shape
-    rows = np.arange(n)
-    # per-class scales see a per-row constant, so the rows are renormalised (as apply does)
+    n_classes = z.shape[1]
+    # per-class scales see a per-row constant, so the rows are renormalised over
+    # every class, before any column is left out
     zc = normalised_log(z.copy())
+    absent = _absent_classes(labels, n_classes)
+    if absent is None:
+        scale, bias = _vector_scaling_nll(zc, labels)
+        return [Correction.vector_scaling(scale, bias - bias.mean())]
+    present = ~absent
+    fitted_scale, fitted_bias = _vector_scaling_nll(
+        zc[:, present], (np.cumsum(present) - 1)[labels]
+    )
+    scale = np.full(n_classes, fitted_scale.mean())
+    scale[present] = fitted_scale
+    bias = np.zeros(n_classes)
+    bias[present] = fitted_bias - fitted_bias.mean()
+    return [Correction.vector_scaling(scale, bias)]
+
+
+def _vector_scaling_nll(zc: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise ``mean_n -log softmax(a * zc_n + c)_{c_n}`` from ``a = 1, c = 0``; ``(a, c)``.
+
+    Gradients: ``d/dc = mean_n (q_n - e_{c_n})``, ``d/da_k = mean_n (q_nk - e_{c_n k}) zc_nk``.
+
+    Parameters
+    ----------
+    zc : ndarray of shape (n_samples, n_classes)
+        Renormalised log-probabilities.
+    labels : ndarray of shape (n_samples,), int
+
+    Returns
+    -------
+    scale, bias : ndarray of shape (n_classes,)
+        ``bias`` not centred.
+    """
+    n, n_classes = zc.shape
+    rows = np.arange(n)
     onehot_z = np.bincount(labels, weights=zc[rows, labels], minlength=n_classes) / n
     onehot = np.bincount(labels, minlength=n_classes) / n
 
@@ -1101,8 +1227,7 @@ def _fit_vector_scaling(z, labels, hypers, target, x0):
         return value, np.concatenate([grad_a, grad_c])
 
     x = _lbfgs(fun, np.concatenate([np.ones(n_classes), np.zeros(n_classes)]))
-    a, c = x[:n_classes], x[n_classes:]
-    return [Correction.vector_scaling(a, c - c.mean())]
+    return x[:n_classes], x[n_classes:]
 
 
 def _fit_worst20_ascent(z, labels, hypers, target, x0):
@@ -1203,10 +1328,21 @@ def _worst20_ascent(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 _FITTERS = {
     "logit-adjust": _fit_logit_adjust,
-    "class-balanced-ce": _fit_class_balanced_ce,
-    "class-dro": _fit_class_dro,
-    "prior-match": _fit_prior_match,
+    "class-balanced-ce": _on_present_classes(_fit_class_balanced_ce),
+    "class-dro": _on_present_classes(_fit_class_dro),
+    "prior-match": _on_present_classes(_fit_prior_match),
     "worst20-ascent": _fit_worst20_ascent,
     "temperature": _fit_temperature,
     "vector-scaling": _fit_vector_scaling,
+}
+
+#: The methods with a parameter per class, and what a class without validation
+#: samples keeps neutral (named in :attr:`MethodFit.warnings`).
+_PER_CLASS_METHODS = {
+    "logit-adjust": "bias",
+    "class-balanced-ce": "bias",
+    "class-dro": "bias",
+    "prior-match": "bias",
+    "worst20-ascent": "bias",
+    "vector-scaling": "bias and scale",
 }
