@@ -6,11 +6,14 @@ use it without importing each other.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -127,6 +130,47 @@ def read_options(
     )
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every cleanup on the way out runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Signals handled like SIGINT: the temporary output removed, exit 128 + signal.
+CLEANUP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Raise :class:`Signalled` on SIGTERM/SIGHUP for the duration (main thread only).
+
+    A second such signal during the cleanup is ignored, so that the cleanup
+    finishes; the previous handlers come back on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        for sig in CLEANUP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Signalled(signum)
+
+    previous = {}
+    for sig in CLEANUP_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def report_renormalized(n_rows: int, source, quiet: bool = False) -> None:
     """One line on stderr when --renormalize changed rows (a count, not a warning per row)."""
     if n_rows:
@@ -145,7 +189,10 @@ _JSON_KWARGS = ("as_json", "json_out")
 def handle_errors(func: F) -> F:
     """Turn a :class:`CnnbalError` into one line on stderr and exit code 2.
 
-    With ``--json`` the error is also printed on stdout as ``{"error": ...,
+    Also: an ``OSError`` (the environment: an unwritable folder, a full disk)
+    is one line and exit 2; Ctrl-C, SIGTERM and SIGHUP are one line and exit
+    128 + the signal number, after every temporary output is removed. With
+    ``--json`` the error is also printed on stdout as ``{"error": ...,
     "exit_code": 2}``, so a CI step that parses stdout always reads JSON.
     """
 
@@ -153,17 +200,20 @@ def handle_errors(func: F) -> F:
     def wrapper(*args, **kwargs):
         as_json = any(kwargs.get(name) is True for name in _JSON_KWARGS)
         try:
-            return func(*args, **kwargs)
+            with signals_as_interrupts():
+                return func(*args, **kwargs)
         except CnnbalError as exc:
             _fail(str(exc), 2, as_json)
         except OSError as exc:  # the environment, not a bug: unwritable dir, disk full
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}", 2, as_json)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+            typer.echo(f"interrupted{by}", err=True)
             if as_json:
-                print_json({"error": "interrupted", "exit_code": 130})
-            raise typer.Exit(130) from None
+                print_json({"error": f"interrupted{by}", "exit_code": 128 + int(signum)})
+            raise typer.Exit(128 + int(signum)) from None
 
     return wrapper  # type: ignore[return-value]
 

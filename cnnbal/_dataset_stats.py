@@ -254,35 +254,12 @@ def fit_dataset(
     options = dataset.options
     n_classes = dataset.n_classes
     rows = stream_chunk_rows(n_classes, chunk_rows)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
         warnings.simplefilter("ignore", UserWarning)  # reported through result.warnings
-        n_rows = dataset.n_rows
-        if n_rows is not None and n_rows <= n_classes:
-            result, renormalized = _fit_in_memory(dataset, method, params, rows)
-        elif method == "naive":
-            worker = partial(
-                shard_naive_stats, options=options, n_classes=n_classes, chunk_rows=rows
-            )
-            counted = _run(engine, worker, dataset.shards)
-            result, renormalized = counted.stats.finish(), counted.n_renormalized
-        else:
-            counted = _run(
-                engine,
-                partial(shard_class_counts, options=options, n_classes=n_classes, chunk_rows=rows),
-                dataset.shards,
-            )
-            counts, renormalized = counted.stats, counted.n_renormalized
-            worker = partial(
-                shard_fit_system,
-                options=options,
-                n_classes=n_classes,
-                method=method,
-                params=params,
-                class_weight_sq=counts.class_weight_sq(params),
-                chunk_rows=rows,
-            )
-            system = _run(engine, worker, dataset.shards)
-            result = FitStats(counts, system).finish(params)
+        try:
+            result, renormalized = _fit_passes(dataset, method, params, engine, rows)
+        except OverflowError as exc:  # a huge --beta or --alpha, reported by the solver once
+            raise CnnbalError(f"{dataset.label}: {exc}") from None
     if report is not None:
         report["rows_renormalized"] = renormalized
     if dataset.class_names is not None:
@@ -299,6 +276,38 @@ def fit_dataset(
         provenance=provenance,
     )
     return artifact, result.warnings
+
+
+def _fit_passes(dataset, method: str, params: FitParams, engine, rows: int):
+    """The streamed passes of :func:`fit_dataset`: (FitResult, rows renormalized)."""
+    options = dataset.options
+    n_classes = dataset.n_classes
+    n_rows = dataset.n_rows
+    if n_rows is not None and n_rows <= n_classes:
+        result, renormalized = _fit_in_memory(dataset, method, params, rows)
+    elif method == "naive":
+        worker = partial(shard_naive_stats, options=options, n_classes=n_classes, chunk_rows=rows)
+        counted = _run(engine, worker, dataset.shards)
+        result, renormalized = counted.stats.finish(), counted.n_renormalized
+    else:
+        counted = _run(
+            engine,
+            partial(shard_class_counts, options=options, n_classes=n_classes, chunk_rows=rows),
+            dataset.shards,
+        )
+        counts, renormalized = counted.stats, counted.n_renormalized
+        worker = partial(
+            shard_fit_system,
+            options=options,
+            n_classes=n_classes,
+            method=method,
+            params=params,
+            class_weight_sq=counts.class_weight_sq(params),
+            chunk_rows=rows,
+        )
+        system = _run(engine, worker, dataset.shards)
+        result = FitStats(counts, system).finish(params)
+    return result, renormalized
 
 
 def _fit_in_memory(dataset: Dataset, method: str, params: FitParams, chunk_rows: int):

@@ -368,7 +368,7 @@ def save_artifact(path: str | os.PathLike, artifact: Artifact) -> Path:
     }
     from cnnbal.io import atomic_output
 
-    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_output(path, suffixes=(".npz",)) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return path
 

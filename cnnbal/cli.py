@@ -7,6 +7,7 @@ stderr, and ``{"error": ..., "exit_code": 2}`` on stdout with ``--json``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -69,6 +70,11 @@ def _root(
 ) -> None:
     """cnnbal: fit, apply and evaluate an output correction on saved model outputs."""
 
+
+#: The fit check (k-fold CV of the paper's fit) holds VAL in memory: up to this many
+#: values (rows x classes, 200 MB of float32). Larger datasets are fitted streaming and
+#: the check is skipped with a warning.
+FIT_CHECK_MAX_CELLS = 50_000_000
 
 # ---- where the shards run (fit / apply / evaluate)
 InputsArg = Annotated[
@@ -261,11 +267,16 @@ def fit_command(
         float,
         typer.Option(
             "--max-total-drop",
-            help="CV may only choose values whose CV total accuracy is at most this many "
-            "points below raw (as in sweep).",
+            help="The fit check: refuse (exit 1, write nothing) if the cross-validated total "
+            "accuracy of the paper's fit falls more than PTS points below raw; other methods: "
+            "CV only chooses values within this limit (as in sweep).",
             metavar="PTS",
         ),
     ] = 0.5,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Write the paper's H even if the fit check fails."),
+    ] = False,
     logits: LogitsOpt = False,
     renormalize: RenormalizeOpt = False,
     labels: LabelsOpt = None,
@@ -290,7 +301,7 @@ def fit_command(
     which value CV chose and its CV score.
     """
     from cnnbal.errors import CnnbalError
-    from cnnbal.io import check_not_input
+    from cnnbal.io import check_not_input, check_outputs
     from cnnbal.methods import HYPERPARAMS, METHOD_NAMES
 
     if method not in METHOD_NAMES:
@@ -313,10 +324,15 @@ def fit_command(
         raise CnnbalError(f"--folds: need at least 2 folds, got {folds}")
     if not max_total_drop >= 0:
         raise CnnbalError(f"--max-total-drop: must be >= 0 points, got {max_total_drop}")
-    if output is not None:
-        for other in (labels, classes, None if prior in ("uniform", "val") else Path(prior)):
-            if other is not None:
-                check_not_input(output, other)
+    check_outputs(
+        {"-o": output},
+        {
+            "--labels": labels,
+            "--classes": classes,
+            "--prior": None if prior in ("uniform", "val") else Path(prior),
+        },
+        suffixes={"-o": (".npz",)},
+    )
     start = time.perf_counter()
     options = read_options(
         logits,
@@ -331,7 +347,7 @@ def fit_command(
     dataset = _open_inputs(val, options, require_labels=not unlabelled)
     if output is not None:
         check_not_input(output, *_local_files(dataset))
-    fitted = None
+    fitted = check = None
     if method in ("elaborated", "naive"):
         from cnnbal.core import DEFAULT_PARAMS, FitParams
         from cnnbal.pipeline import check_params, fit_dataset
@@ -345,6 +361,21 @@ def fit_command(
                 dataset, method=method, params=params, engine=runner, report=read_report
             )
         n_renormalized = read_report.get("rows_renormalized", 0)
+        if artifact.n_val * artifact.n_classes <= FIT_CHECK_MAX_CELLS:
+            outputs = _read_whole(dataset, require_labels=True)
+            check = _fit_check(outputs, method, params, artifact, folds, seed, max_total_drop)
+            artifact = dataclasses.replace(
+                artifact, provenance={**artifact.provenance, "fit_check": check.to_dict()}
+            )
+        else:
+            stderr_console(quiet).print(
+                f"[yellow]warning:[/] fit check skipped: {artifact.n_val:,} rows x "
+                f"{artifact.n_classes} classes is more than the check holds in memory "
+                f"({FIT_CHECK_MAX_CELLS:,} values); evaluate H on held-out data "
+                "(cnnbal evaluate --max-total-drop) before using it",
+                highlight=False,
+                soft_wrap=True,
+            )
     else:
         from cnnbal.pipeline import dataset_sha256, fit_method_outputs, read_prior
 
@@ -367,13 +398,42 @@ def fit_command(
         )
         notes = fitted.warnings
     report_renormalized(n_renormalized, dataset.label, quiet)
-    if output is not None:
+    refused = check is not None and not check.passed and not force
+    if output is not None and not refused:
         from cnnbal.artifact import save_artifact
 
         save_artifact(output, artifact)
+    written = output if not refused else None
     _report_fit(
-        artifact, notes, fitted, dataset, n_renormalized, output, val, start, as_json, quiet
+        artifact,
+        notes,
+        fitted,
+        dataset,
+        n_renormalized,
+        written,
+        val,
+        start,
+        as_json,
+        quiet,
+        check,
     )
+    title = _input_title(dataset)
+    if refused:
+        # one line, whatever --quiet says: a refused fit must never pass unnoticed
+        typer.echo(
+            f"FAILED: fit check on {title}: {check.summary()}; nothing written. Choose the "
+            f"parameters with `cnnbal sweep` (or keep the raw outputs); --force writes "
+            "H anyway.",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if check is not None and not check.passed:  # --force: a warning (quiet hides it)
+        stderr_console(quiet).print(
+            f"[yellow]warning:[/] fit check failed on {title}: {check.summary()}; "
+            "written anyway (--force)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _read_whole(dataset, *, require_labels: bool):
@@ -405,8 +465,33 @@ def _read_whole(dataset, *, require_labels: bool):
     )
 
 
+def _fit_check(outputs, method, params, artifact, folds, seed, max_total_drop):
+    """The paper's fit, cross-validated on VAL (the other methods' CV already limits them)."""
+    from cnnbal.check import check_fit, fit_function
+
+    return check_fit(
+        outputs.probs,
+        outputs.labels,
+        fit_function(method, params),
+        fitted=artifact,
+        n_folds=folds,
+        seed=seed,
+        max_total_drop=max_total_drop,
+    )
+
+
 def _report_fit(
-    artifact, notes, fitted, dataset, n_renormalized, output, val, start, as_json, quiet
+    artifact,
+    notes,
+    fitted,
+    dataset,
+    n_renormalized,
+    output,
+    val,
+    start,
+    as_json,
+    quiet,
+    check=None,
 ) -> None:
     seconds = time.perf_counter() - start
     summary = artifact.describe()
@@ -420,6 +505,8 @@ def _report_fit(
             "seconds": seconds,
         }
     )
+    if check is not None:
+        summary["fit_check"] = check.to_dict()
     summary["warnings"] = list(notes)
     if fitted is not None:
         summary.update({"hyper": fitted.hyper, "chosen_by_cv": fitted.chosen_by_cv})
@@ -456,6 +543,11 @@ def _report_fit(
     )
     out.print(f"  {accuracy}; {1000 * seconds:.0f} ms", highlight=False)
     out.print(f"  {_what_it_does(summary)}", highlight=False)
+    if check is not None:
+        from cnnbal.report import fit_check_rows
+
+        for label, text in fit_check_rows(check.to_dict()):
+            out.print(f"  {label}: {text}", highlight=False, soft_wrap=True)
     if output is not None:
         out.print(f"  wrote {output}", highlight=False)
 

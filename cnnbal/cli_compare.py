@@ -174,14 +174,21 @@ def compare_command(
         from cnnbal.plot import require_matplotlib
 
         require_matplotlib()  # fail before the long part, not after it
-    from cnnbal.cli_sweep import _check_targets
+    from cnnbal.io import check_outputs
 
     prior_file = None if prior in ("uniform", "val") else Path(prior)
-    _check_targets(
-        {"-o": output, "--plot": plot}, [val, test, labels, test_labels, classes, prior_file]
+    check_outputs(
+        {"-o": output, "--plot": plot},
+        {
+            "VAL": val,
+            "--test": test,
+            "--labels": labels,
+            "--test-labels": test_labels,
+            "--classes": classes,
+            "--prior": prior_file,
+        },
+        suffixes={"-o": (".npz",), "--plot": (".png",)},
     )
-    if output is not None and plot is not None and output.resolve() == plot.resolve():
-        raise CnnbalError(f"-o {output} and --plot {plot} name the same file")
 
     from cnnbal.io import file_sha256, read_outputs
 

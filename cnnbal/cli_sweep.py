@@ -135,7 +135,7 @@ def sweep_command(
         typer.Option("--folds", help="Stratified cross-validation folds (>= 2).", metavar="N"),
     ] = 5,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed of the fold assignment.", metavar="N")
+        int, typer.Option("--seed", help="Seed of the fold assignment (>= 0).", metavar="N")
     ] = 0,
     objective: Annotated[
         Objective,
@@ -209,6 +209,8 @@ def sweep_command(
         configs = sw.curve_configs(center_params, **grid)
     if folds < 2:
         raise CnnbalError(f"--folds: need at least 2 folds, got {folds}")
+    if seed < 0:
+        raise CnnbalError(f"--seed: must be >= 0, got {seed}")
     if not max_total_drop >= 0:
         raise CnnbalError(f"--max-total-drop: must be >= 0 points, got {max_total_drop}")
     # fail before the long part, not after it
@@ -216,7 +218,19 @@ def sweep_command(
         from cnnbal.plot import require_matplotlib
 
         require_matplotlib()
-    _check_targets({"-o": output, "--plot": plot}, [val, test, labels, test_labels])
+    from cnnbal.io import check_outputs
+
+    check_outputs(
+        {"-o": output, "--plot": plot},
+        {
+            "VAL": val,
+            "--test": test,
+            "--labels": labels,
+            "--test-labels": test_labels,
+            "--classes": classes,
+        },
+        suffixes={"-o": (".npz",), "--plot": (".png",)},
+    )
 
     import dataclasses
 
@@ -400,26 +414,6 @@ def _provenance(result, grid: dict, center) -> dict:
         }
     )
     return summary
-
-
-def _check_targets(targets: dict[str, Path | None], inputs: list[Path | None]) -> None:
-    """Fail before the sweep, not after it: a missing directory or an input as output."""
-    import os
-
-    for flag, target in targets.items():
-        if target is None:
-            continue
-        directory = target.parent if str(target.parent) else Path(".")
-        if not directory.is_dir():
-            raise CnnbalError(f"{flag} {target}: directory {directory} does not exist")
-        for src in inputs:
-            if src is None:
-                continue
-            same = target.resolve() == src.resolve() or (
-                target.exists() and src.exists() and os.path.samefile(target, src)
-            )
-            if same:
-                raise CnnbalError(f"{flag} {target}: refusing to overwrite the input file")
 
 
 # ---------------------------------------------------------------- human output

@@ -219,7 +219,19 @@ def solve_normal_equations(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     Returns
     -------
     H : ndarray of shape (n_classes, n_classes + 1)
+
+    Raises
+    ------
+    OverflowError
+        The equations hold inf or NaN (weights ``acc ** -beta`` or ``alpha ** 2``
+        beyond float64): no solver gives a meaningful H, and LAPACK may not
+        even return.
     """
+    if not (np.isfinite(gram).all() and np.isfinite(rhs).all()):
+        raise OverflowError(
+            "the fit overflows float64: the sample weights acc**(-2 beta) or alpha**2 are too "
+            "large (lower --beta or --alpha)"
+        )
     with _one_blas_thread(len(gram)):
         return _solve_normal_equations(gram, rhs)
 

@@ -11,6 +11,7 @@ adds only flags and presentation::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -42,6 +43,7 @@ from cnnbal.io import (
     TableWriter,
     atomic_output,
     check_not_input,
+    check_outputs,
     file_sha256,
     iter_chunks,
     probs_columns,
@@ -106,7 +108,12 @@ def fit_outputs(
         raise CnnbalError(f"{outputs.path.name}: fitting needs labels")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # reported through result.warnings
-        result = fit(outputs.probs, outputs.labels, method, params)
+        try:
+            # an overflow (huge --beta or --alpha) is reported by the solver, once
+            with np.errstate(over="ignore", invalid="ignore"):
+                result = fit(outputs.probs, outputs.labels, method, params)
+        except OverflowError as exc:
+            raise CnnbalError(f"{outputs.path.name}: {exc}") from None
     if outputs.class_names is not None:
         result = dataclasses.replace(
             result, warnings=named_class_notes(result, outputs.class_names)
@@ -159,19 +166,27 @@ def fit_file(
     other than the paper's two choose their hyper-parameters by CV on the file
     (see :func:`fit_method_outputs` for the other options).
     """
+    options = options or ReadOptions()
+    if out_path is not None:
+        given = {"VAL": val_path, "--labels": options.labels_path}
+        given["--classes"] = options.classes_path
+        check_outputs({"out_path": out_path}, given, suffixes={"out_path": (".npz",)})
     outputs = read_outputs(val_path, options)
     if method in ("elaborated", "naive"):
         artifact, _ = fit_outputs(outputs, method, params)
     else:
         artifact, _ = fit_method_outputs(outputs, method)
     if out_path is not None:
-        check_not_input(out_path, val_path)
         save_artifact(out_path, artifact)
     return artifact
 
 
 def check_compatible(artifact: Artifact, n_classes: int, class_names, source: Path, h_name: str):
     """The input's class count (and names, when both are known) must match H."""
+    if class_names is not None and len(class_names) != n_classes:
+        raise CnnbalError(
+            f"{source.name}: {len(class_names)} class names for {n_classes} score columns"
+        )
     if n_classes != artifact.n_classes:
         raise CnnbalError(
             f"{source.name}: {n_classes} classes, but {h_name} was fitted for {artifact.n_classes}"
@@ -325,6 +340,10 @@ def apply_file(
         process; ``progress`` is then not called.
     """
     h_path, in_path, out_path = Path(h_path), Path(in_path), Path(out_path)
+    options = options or ReadOptions()
+    given = {"H": h_path, "INPUT": in_path}
+    given.update({"--labels": options.labels_path, "--classes": options.classes_path})
+    check_outputs({"-o": out_path}, given)
     artifact = load_artifact(h_path)
     plan = ApplyPlan(
         artifact,
@@ -337,7 +356,10 @@ def apply_file(
     )
     _check_output_suffix(out_path, in_path.suffix.lower())
     _refuse_corrected(plan, str(in_path), filesystem, in_path.name)
-    inputs = (in_path, h_path) if filesystem is None else (h_path,)
+    # every local file named on the command line: never the output
+    inputs = tuple(p for p in given.values() if p is not None)
+    if filesystem is not None:
+        inputs = tuple(p for p in inputs if p is not in_path)
     if engine is not None:
         check_not_input(out_path, *inputs)
         shard = Shard(str(in_path), in_path.name, filesystem=filesystem)
@@ -704,25 +726,41 @@ class _TableSink:
 
 
 class _NpySink:
+    """Streams the corrected rows into a ``.npy`` with ordinary writes.
+
+    Not a memory map: a write that fails (a full disk) is then an ``OSError``
+    at the ``write`` call, not a SIGBUS when a dirty page is flushed. The
+    header declares the row count from the start; rows arrive in order.
+    """
+
     def __init__(self, tmp, source):
         self.tmp = tmp
         self.n_rows = source.n_rows
-        self.out = None
+        self.fh = None
+        self.rows_written = 0
 
     def write(self, chunk, fixed, pred):
-        if self.out is None:
-            self.out = np.lib.format.open_memmap(
-                self.tmp, mode="w+", dtype=fixed.dtype, shape=(self.n_rows, fixed.shape[1])
-            )
-        self.out[chunk.row_offset : chunk.row_offset + len(fixed)] = fixed
+        if self.fh is None:
+            self.fh = open(self.tmp, "wb")  # closed in close/abort
+            header = {
+                "descr": np.lib.format.dtype_to_descr(fixed.dtype),
+                "fortran_order": False,
+                "shape": (self.n_rows, fixed.shape[1]),
+            }
+            np.lib.format.write_array_header_1_0(self.fh, header)
+        if chunk.row_offset != self.rows_written:  # pragma: no cover - readers yield in order
+            raise RuntimeError("apply: .npy rows arrived out of order")
+        self.fh.write(np.ascontiguousarray(fixed).data)
+        self.rows_written += len(fixed)
 
     def close(self):
-        if self.out is not None:
-            self.out.flush()
-            del self.out
+        if self.fh is not None:
+            self.fh.close()
 
     def abort(self):
-        self.out = None  # unmap without flushing
+        if self.fh is not None:
+            with contextlib.suppress(OSError):
+                self.fh.close()
 
 
 class _NpzSink:

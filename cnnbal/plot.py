@@ -136,7 +136,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike, *, title: str | Non
     labels.append("hollow: not eligible (total drop over the limit)")
     fig.legend(handles, labels, loc="outside lower center", ncol=5, fontsize=8.5, frameon=False)
     fig.suptitle(_suptitle(result, title), fontsize=11)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, suffixes=(".png",)) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path

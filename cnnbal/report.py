@@ -165,6 +165,10 @@ def info_table(summary: dict, title: str = "") -> Table:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in summary.items():
+        if key == "provenance" and isinstance(value, dict) and "fit_check" in value:
+            for label, text in fit_check_rows(value["fit_check"]):
+                table.add_row(label, text)
+            value = {k: v for k, v in value.items() if k != "fit_check"}
         if key == "class_names" and value:
             value = ", ".join(value[:12]) + (
                 f" ... ({len(value)} in all)" if len(value) > 12 else ""
@@ -293,6 +297,8 @@ def _provenance_rows(provenance: dict) -> list[tuple[str, str]]:
     for key, value in provenance.items():
         if key == "sweep" and isinstance(value, dict):
             rows += _sweep_rows(value)
+        elif key == "fit_check" and isinstance(value, dict):
+            rows += fit_check_rows(value)
         elif key == "cv" and isinstance(value, dict):
             rows += _cv_rows(value)
         elif key == "compare" and isinstance(value, dict):
@@ -378,3 +384,34 @@ def _short(value, limit: int = 200) -> str:
     else:
         text = str(value)
     return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def fit_check_rows(check: dict) -> list[tuple[str, str]]:
+    """Rows ``(label, text)`` describing a fit check (``provenance["fit_check"]``)."""
+    names = (
+        ("total_accuracy", "total"),
+        ("worst20_accuracy", "worst-20%"),
+        ("balanced_accuracy", "balanced"),
+    )
+
+    def line(scores: dict) -> str:
+        parts = []
+        for key, label in names:
+            pair = scores.get(key)
+            if not pair or pair.get("raw") is None or pair["raw"] != pair["raw"]:
+                continue
+            raw, new = pair["raw"], pair["corrected"]
+            parts.append(f"{label} {100 * raw:.2f}% -> {100 * new:.2f}% ({100 * (new - raw):+.2f})")
+        return "; ".join(parts) or "-"
+
+    if check.get("skipped"):
+        return [("fit check", f"skipped: {check['skipped']}")]
+    verdict = "passed" if check.get("passed") else "FAILED"
+    limit = check.get("max_total_drop_points")
+    return [
+        (
+            f"fit check ({check.get('n_folds')}-fold CV)",
+            f"{line(check.get('cross_validated', {}))}; {verdict} (--max-total-drop {limit:g})",
+        ),
+        ("fit check (in-sample)", line(check.get("in_sample", {}))),
+    ]

@@ -632,7 +632,7 @@ def run_sweep(
     empty_fits = 0
     floored_folds: list[int] = []
 
-    with _small_blas_threads(n_classes):
+    with _small_blas_threads(n_classes), _overflow_as_error():
         for step in _fold_fits(probs, p64, labels, folds, groups, n_classes):
             k, fold = step.fold_index, step.fold
             if step.config_index is None:  # a new fold begins: its raw scores
@@ -921,6 +921,16 @@ def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
             if info == 0:
                 return solution.T
     return solve_normal_equations(gram, rhs)
+
+
+@contextlib.contextmanager
+def _overflow_as_error() -> Iterator[None]:
+    """A configuration whose normal equations overflow is a user error (its flags)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # reported once, below
+            yield
+    except OverflowError as exc:
+        raise CnnbalError(f"--beta/--alpha: {exc}") from None
 
 
 @contextlib.contextmanager

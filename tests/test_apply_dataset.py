@@ -39,7 +39,7 @@ def job(tmp_path):
     """H fitted on a validation file, and 4 test shards in 2 hive partitions."""
     probs, labels = make_outputs(3000, 6, seed=21)
     write_parquet(tmp_path / "val.parquet", probs[:600], labels[:600], class_names=NAMES)
-    assert run("fit", tmp_path / "val.parquet", "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", tmp_path / "val.parquet", "-o", tmp_path / "H.npz").exit_code == 0
     root = tmp_path / "shards"
     for i in range(4):
         part = root / f"day={1 + i // 2}"
@@ -133,7 +133,10 @@ def test_an_output_from_another_h_is_refused_before_any_work(job):
     tmp, root, probs, labels = job
     assert run("apply", tmp / "H.npz", root, "-o", tmp / "out").exit_code == 0
     write_parquet(tmp / "val2.parquet", probs[:500], labels[:500], class_names=NAMES)
-    assert run("fit", tmp / "val2.parquet", "-o", tmp / "H2.npz", "--beta", "0.5").exit_code == 0
+    assert (
+        run("fit", "--force", tmp / "val2.parquet", "-o", tmp / "H2.npz", "--beta", "0.5").exit_code
+        == 0
+    )
     (tmp / "out/day=2/part-3.parquet").unlink()
     result = run("apply", tmp / "H2.npz", root, "-o", tmp / "out")
     assert result.exit_code == 2
@@ -167,7 +170,7 @@ def test_an_already_corrected_input_is_refused_unless_forced(job):
 def test_an_input_pred_column_is_refused_unless_another_name_is_given(tmp_path):
     probs, labels = make_outputs(200, 6, seed=2)
     write_parquet(tmp_path / "val.parquet", probs, labels)
-    assert run("fit", tmp_path / "val.parquet", "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", tmp_path / "val.parquet", "-o", tmp_path / "H.npz").exit_code == 0
     write_parquet(tmp_path / "t.parquet", probs, labels, extra={"pred": np.zeros(200, int)})
     result = run("apply", tmp_path / "H.npz", tmp_path / "t.parquet", "-o", tmp_path / "o.parquet")
     assert result.exit_code == 2 and not (tmp_path / "o.parquet").exists()
@@ -222,7 +225,7 @@ def test_apply_dataset_api_reports_shards_in_order(job):
 def test_npz_and_csv_shards_keep_their_format(tmp_path):
     probs, labels = make_outputs(900, 6, seed=5)
     np.savez(tmp_path / "val.npz", probs=probs[:300], labels=labels[:300])
-    assert run("fit", tmp_path / "val.npz", "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", tmp_path / "val.npz", "-o", tmp_path / "H.npz").exit_code == 0
     (tmp_path / "in").mkdir()
     np.savez(tmp_path / "in" / "a.npz", probs=probs[300:600], labels=labels[300:600])
     np.savez(tmp_path / "in" / "b.npz", probs=probs[600:], labels=labels[600:])

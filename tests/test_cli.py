@@ -49,7 +49,7 @@ def files(tmp_path):
 
 def test_fit_writes_artifact_equal_to_api(files):
     tmp, val, _, probs, labels = files
-    result = run("fit", val, "-o", tmp / "H.npz", "--json")
+    result = run("fit", "--force", val, "-o", tmp / "H.npz", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     art = load_artifact(tmp / "H.npz")
@@ -65,7 +65,7 @@ def test_fit_writes_artifact_equal_to_api(files):
 def test_fit_flags_reach_the_fit(files):
     tmp, val, *_ = files
     result = run(
-        "fit", val, "-o", tmp / "H.npz",
+        "fit", "--force", val, "-o", tmp / "H.npz",
         "--r-low", "0.05", "--r-high", "0.9", "--beta", "2", "--alpha", "4",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -73,7 +73,7 @@ def test_fit_flags_reach_the_fit(files):
     assert art.params == {"r_low": 0.05, "r_high": 0.9, "beta": 2.0, "alpha": 4.0}
     assert art.apply_gate == 0.9
     assert "competitive" in result.stdout
-    naive = run("fit", val, "-o", tmp / "N.npz", "--method", "naive")
+    naive = run("fit", "--force", val, "-o", tmp / "N.npz", "--method", "naive")
     assert naive.exit_code == 0 and load_artifact(tmp / "N.npz").method == "naive"
 
 
@@ -87,7 +87,7 @@ def test_fit_flags_reach_the_fit(files):
 )
 def test_fit_bad_flags(files, flags, message):
     tmp, val, *_ = files
-    result = run("fit", val, "-o", tmp / "H.npz", *flags)
+    result = run("fit", "--force", val, "-o", tmp / "H.npz", *flags)
     assert result.exit_code == 2
     assert message in result.stderr
     assert not (tmp / "H.npz").exists()
@@ -95,7 +95,7 @@ def test_fit_bad_flags(files, flags, message):
 
 def test_evaluate_json_metrics(files):
     tmp, val, test, probs, labels = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     result = run("evaluate", test, "-H", tmp / "H.npz", "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -123,7 +123,7 @@ def test_evaluate_json_metrics(files):
 
 def test_evaluate_table_and_per_class(files):
     tmp, val, test, *_ = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     result = run("evaluate", test, "-H", tmp / "H.npz", "--per-class")
     assert result.exit_code == 0
     for text in ("total accuracy", "low-20% (paper)", "worst-20% mean", "per-class accuracy"):
@@ -134,7 +134,7 @@ def test_evaluate_table_and_per_class(files):
 
 def test_evaluate_ci_gates(files):
     tmp, val, test, *_ = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     payload = json.loads(run("evaluate", test, "-H", tmp / "H.npz", "--json").stdout)
     total = payload["metrics"]["total_accuracy"]
     low20 = payload["metrics"]["low20_accuracy"]
@@ -153,7 +153,7 @@ def test_evaluate_ci_gates(files):
 
 def test_apply_parquet_streams_passthrough_and_pred(files):
     tmp, val, test, probs, labels = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     result = run("apply", tmp / "H.npz", test, "-o", tmp / "out.parquet")
     assert result.exit_code == 0, result.output
     table = pq.read_table(tmp / "out.parquet")
@@ -176,7 +176,7 @@ def test_apply_parquet_streams_passthrough_and_pred(files):
 def test_apply_json_report_counts(tmp_path):
     probs, labels = make_outputs(3000, 8, seed=21)
     np.savez(tmp_path / "val.npz", probs=probs[:1000], labels=labels[:1000])
-    run("fit", tmp_path / "val.npz", "-o", tmp_path / "H.npz")
+    run("fit", "--force", tmp_path / "val.npz", "-o", tmp_path / "H.npz")
     write_parquet(tmp_path / "t.parquet", probs[1000:], labels[1000:], layout="p_")
     result = run("apply", tmp_path / "H.npz", tmp_path / "t.parquet", "-o",
                  tmp_path / "o.parquet", "--json")  # fmt: skip
@@ -193,7 +193,7 @@ def test_apply_list_column_to_csv_writes_flat_columns(files):
     import pyarrow.csv as pacsv
 
     tmp, val, test, probs, _ = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     result = run("apply", tmp / "H.npz", test, "-o", tmp / "out.csv")
     assert result.exit_code == 0, result.output
     table = pacsv.read_csv(tmp / "out.csv")
@@ -206,7 +206,7 @@ def test_apply_list_column_to_csv_writes_flat_columns(files):
 
 def test_apply_raw_scores_can_be_negative(files):
     tmp, val, test, *_ = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     run("apply", tmp / "H.npz", test, "-o", tmp / "raw.parquet", "--raw-scores")
     scores = np.stack(pq.read_table(tmp / "raw.parquet").column("probs").to_numpy(False))
     assert scores.min() < 0
@@ -217,7 +217,7 @@ def test_apply_prefix_columns_csv_npz_npy(tmp_path):
     probs, labels = make_outputs(900, 5, seed=3)
     H_path = tmp_path / "H.npz"
     np.savez(tmp_path / "val.npz", probs=probs[:450], labels=labels[:450])
-    assert run("fit", tmp_path / "val.npz", "-o", H_path).exit_code == 0
+    assert run("fit", "--force", tmp_path / "val.npz", "-o", H_path).exit_code == 0
     expected = apply_correction(load_artifact(H_path).H, probs[450:], 0.8)
 
     write_parquet(tmp_path / "t.parquet", probs[450:], labels[450:], layout="p_")
@@ -249,7 +249,7 @@ def test_apply_prefix_columns_csv_npz_npy(tmp_path):
 def test_apply_failure_midway_leaves_no_output(tmp_path):
     probs, labels = make_outputs(70_000, 3, seed=1)
     np.savez(tmp_path / "val.npz", probs=probs[:5000], labels=labels[:5000])
-    run("fit", tmp_path / "val.npz", "-o", tmp_path / "H.npz")
+    run("fit", "--force", tmp_path / "val.npz", "-o", tmp_path / "H.npz")
     probs[69_000, 0] = np.nan  # in the second block of 65,536 rows
     np.save(tmp_path / "big.npy", probs)
     (tmp_path / "out.npy").write_bytes(b"old")
@@ -263,7 +263,7 @@ def test_apply_failure_midway_leaves_no_output(tmp_path):
 def test_apply_npz_failure_midway_writes_nothing(tmp_path, monkeypatch):
     probs, labels = make_outputs(200, 3, seed=4)
     np.savez(tmp_path / "val.npz", probs=probs, labels=labels)
-    run("fit", tmp_path / "val.npz", "-o", tmp_path / "H.npz")
+    run("fit", "--force", tmp_path / "val.npz", "-o", tmp_path / "H.npz")
     np.savez(tmp_path / "t.npz", probs=probs, labels=labels)
     saved = []
     monkeypatch.setattr(np, "savez", lambda *a, **k: saved.append(a))
@@ -281,7 +281,7 @@ def test_apply_npz_failure_midway_writes_nothing(tmp_path, monkeypatch):
 
 def test_apply_refuses_to_overwrite_input_and_wrong_family(files):
     tmp, val, test, *_ = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     before = test.read_bytes()
     result = run("apply", tmp / "H.npz", test, "-o", test)
     assert result.exit_code == 2 and "refusing to overwrite the input" in result.stderr
@@ -292,7 +292,7 @@ def test_apply_refuses_to_overwrite_input_and_wrong_family(files):
 
 def test_class_count_mismatch(files, tmp_path):
     tmp, val, *_ = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     probs, labels = make_outputs(100, 4)
     np.savez(tmp / "four.npz", probs=probs, labels=labels)
     for args in (
@@ -306,7 +306,7 @@ def test_class_count_mismatch(files, tmp_path):
 
 def test_class_names_mismatch(files):
     tmp, val, _, probs, labels = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     write_parquet(tmp / "other.parquet", probs, labels, class_names=list("abcdxf"))
     result = run("evaluate", tmp / "other.parquet", "-H", tmp / "H.npz")
     assert result.exit_code == 2
@@ -325,7 +325,7 @@ def test_class_names_mismatch(files):
 )  # fmt: skip
 def test_bad_input_is_one_line_exit_2(tmp_path, setup, message):
     setup(tmp_path)
-    result = run("fit", tmp_path / "f.npz", "-o", tmp_path / "H.npz")
+    result = run("fit", "--force", tmp_path / "f.npz", "-o", tmp_path / "H.npz")
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
@@ -334,7 +334,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, setup, message):
 
 def test_info(files):
     tmp, val, *_ = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     result = run("info", tmp / "H.npz", "--json")
     assert result.exit_code == 0
     info = json.loads(result.stdout)
@@ -351,7 +351,7 @@ def test_fit_warns_about_zero_accuracy_class(tmp_path):
     probs, labels = make_outputs(400, 4, seed=2)
     probs[labels == 3] = np.array([0.1, 0.1, 0.45, 0.35], dtype=np.float32)
     np.savez(tmp_path / "v.npz", probs=probs, labels=labels)
-    result = run("fit", tmp_path / "v.npz", "-o", tmp_path / "H.npz")
+    result = run("fit", "--force", tmp_path / "v.npz", "-o", tmp_path / "H.npz")
     assert result.exit_code == 0
     assert "warning: 1 class(es) with zero validation accuracy" in result.stderr
 
@@ -395,7 +395,7 @@ def test_npz_and_parquet_sample_files_agree():
 
 def test_os_error_is_one_line_exit_2(files):
     tmp, val, test, *_ = files
-    run("fit", val, "-o", tmp / "H.npz")
+    run("fit", "--force", val, "-o", tmp / "H.npz")
     (tmp / "taken.parquet").mkdir()  # the output path is a directory: rename fails
     result = run("apply", tmp / "H.npz", test, "-o", tmp / "taken.parquet")
     assert result.exit_code == 2
@@ -412,7 +412,7 @@ def test_ctrl_c_exits_130_without_traceback(files, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cnnbal.pipeline, "fit_dataset", interrupted)  # what `fit` calls
-    result = run("fit", val, "-o", tmp / "H.npz")
+    result = run("fit", "--force", val, "-o", tmp / "H.npz")
     assert result.exit_code == 130
     assert result.stderr.strip() == "interrupted"
     assert not (tmp / "H.npz").exists()

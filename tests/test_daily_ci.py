@@ -28,7 +28,7 @@ def fitted(tmp_path):
     probs, labels = make_outputs(1200, 6, seed=21)
     val = write_parquet(tmp_path / "val.parquet", probs[:600], labels[:600])
     test = write_parquet(tmp_path / "test.parquet", probs[600:], labels[600:])
-    assert run("fit", val, "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", val, "-o", tmp_path / "H.npz").exit_code == 0
     payload = json.loads(run("evaluate", test, "-H", tmp_path / "H.npz", "--json").stdout)
     return tmp_path, test, payload["metrics"]
 

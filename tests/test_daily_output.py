@@ -32,7 +32,7 @@ def named(tmp_path):
     names = ["ant", "bee", "cat", "dog", "eel", "fox"]
     val = write_parquet(tmp_path / "val.parquet", probs[:600], labels[:600], class_names=names)
     test = write_parquet(tmp_path / "test.parquet", probs[600:], labels[600:], class_names=names)
-    assert run("fit", val, "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", val, "-o", tmp_path / "H.npz").exit_code == 0
     return tmp_path, val, test, names
 
 
@@ -65,8 +65,8 @@ def test_quiet_prints_nothing_but_errors_and_failed_checks(named):
     tmp, val, test, _ = named
     h = tmp / "H.npz"
     quiet_runs = {
-        "fit": ["fit", val, "-o", tmp / "H2.npz", "-q"],
-        "fit (no -o)": ["fit", val, "--quiet"],
+        "fit": ["fit", val, "-o", tmp / "H2.npz", "-q", "--force"],
+        "fit (no -o)": ["fit", val, "--quiet", "--force"],
         "apply": ["apply", h, test, "-o", tmp / "out.parquet", "-q"],
         "evaluate": ["evaluate", test, "-H", h, "--per-class", "-q", "--min-gain", "total=-99"],
         "info": ["info", h, "-q"],
@@ -91,11 +91,11 @@ def test_fit_warnings_name_the_classes(tmp_path):
     probs[labels == 2] = np.array([0.7, 0.1, 0.1, 0.1], dtype=np.float32)  # class 2 never right
     names = ["ant", "bee", "cat", "dog"]
     val = write_parquet(tmp_path / "val.parquet", probs, labels, class_names=names)
-    result = run("fit", val, "-o", tmp_path / "H.npz")
+    result = run("fit", "--force", val, "-o", tmp_path / "H.npz")
     assert result.exit_code == 0, result.output
     assert "zero validation accuracy" in result.stderr and "2 (cat)" in result.stderr
     unnamed = write_parquet(tmp_path / "plain.parquet", probs, labels)
-    plain = run("fit", unnamed, "-o", tmp_path / "H2.npz", "--json")
+    plain = run("fit", "--force", unnamed, "-o", tmp_path / "H2.npz", "--json")
     assert plain.stderr.rstrip().endswith("for the weights: 2")
     assert json.loads(plain.stdout)["warnings"] == [
         "1 class(es) with zero validation accuracy; accuracy floored at 0.5/n_k for the weights: 2"
@@ -199,11 +199,11 @@ def test_fit_without_output_says_nothing_was_written(named, monkeypatch):
     tmp, val, *_ = named
     monkeypatch.chdir(tmp)
     before = sorted(p.name for p in tmp.iterdir())
-    result = run("fit", val)
+    result = run("fit", "--force", val)
     assert result.exit_code == 0
     assert "nothing written (no -o/--output)" in result.stderr
     assert sorted(p.name for p in tmp.iterdir()) == before
-    payload = json.loads(run("fit", val, "--json").stdout)
+    payload = json.loads(run("fit", "--force", val, "--json").stdout)
     assert payload["written"] is False and payload["output"] is None
 
 

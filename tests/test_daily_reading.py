@@ -68,7 +68,7 @@ def test_rounded_k100_csv_fits_with_renormalize_to_the_exact_h(tmp_path):
     csv = _write_rounded_csv(tmp_path / "val.csv", probs, labels)
     np.savez(tmp_path / "exact.npz", probs=probs, labels=labels)
 
-    refused = run("fit", csv, "-o", tmp_path / "H_rounded.npz")
+    refused = run("fit", "--force", csv, "-o", tmp_path / "H_rounded.npz")
     assert refused.exit_code == 2
     message = refused.stderr.strip()
     # the sum with enough digits to be visibly outside the tolerance, the row in the
@@ -84,14 +84,15 @@ def test_rounded_k100_csv_fits_with_renormalize_to_the_exact_h(tmp_path):
     assert printed == pytest.approx(rounded[row].sum(), abs=1e-12)
     assert not (tmp_path / "H_rounded.npz").exists()
 
-    fitted = run("fit", csv, "-o", tmp_path / "H_rounded.npz", "--renormalize", "--json")
+    fitted = run("fit", "--force", csv, "-o", tmp_path / "H_rounded.npz", "--renormalize", "--json")
     assert fitted.exit_code == 0, fitted.output
     # a row summing to exactly 0.999 in decimal is inside the tolerance
     n_off = int(np.sum(np.abs(rounded.sum(axis=1) - 1) > 1e-3 * (1 + 1e-9)))
     assert n_off > 0
     assert json.loads(fitted.stdout)["rows_renormalized"] == n_off
     assert f"renormalized {n_off} row(s)" in fitted.stderr
-    assert run("fit", tmp_path / "exact.npz", "-o", tmp_path / "H_exact.npz").exit_code == 0
+    exact = run("fit", "--force", tmp_path / "exact.npz", "-o", tmp_path / "H_exact.npz")
+    assert exact.exit_code == 0
     h_rounded = load_artifact(tmp_path / "H_rounded.npz").H
     h_exact = load_artifact(tmp_path / "H_exact.npz").H
     assert np.abs(h_rounded - h_exact).max() < 1e-3
@@ -138,7 +139,7 @@ def test_apply_and_evaluate_renormalize_and_count_on_stderr(tmp_path):
     n_off = int(np.sum(np.abs(rounded.sum(axis=1) - 1) > 1e-3))
     assert n_off > 0
     val = write_parquet(tmp_path / "val.parquet", probs, labels)
-    assert run("fit", val, "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", val, "-o", tmp_path / "H.npz").exit_code == 0
     applied = run("apply", tmp_path / "H.npz", csv, "-o", tmp_path / "out.csv", "--renormalize")
     assert applied.exit_code == 0, applied.output
     assert f"renormalized {n_off} row(s)" in applied.stderr
@@ -168,11 +169,11 @@ def test_target_and_scores_columns_run_through_fit_apply_evaluate(tmp_path):
     test = _target_scores_parquet(tmp_path / "test.parquet", probs[500:], labels[500:])
     flags = ["--label-column", "target", "--score-column", "scores"]
 
-    without = run("fit", val, "-o", tmp_path / "H.npz")
+    without = run("fit", "--force", val, "-o", tmp_path / "H.npz")
     assert without.exit_code == 2
     assert "--score-column NAME" in without.stderr and "target, scores" in without.stderr
 
-    assert run("fit", val, "-o", tmp_path / "H.npz", *flags).exit_code == 0
+    assert run("fit", "--force", val, "-o", tmp_path / "H.npz", *flags).exit_code == 0
     expected_h = fit_elaborated(probs[:500], labels[:500]).H
     np.testing.assert_allclose(load_artifact(tmp_path / "H.npz").H, expected_h, atol=1e-10)
 
@@ -242,7 +243,7 @@ def test_csv_output_is_unquoted_and_float32_shortest(tmp_path):
     names = ["cat", "dog", "a, b", 'say "hi"']
     val = write_parquet(tmp_path / "val.parquet", probs, labels, class_names=names)
     csv = write_csv(tmp_path / "test.csv", probs, labels)  # float64 values, 17 digits
-    assert run("fit", val, "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", val, "-o", tmp_path / "H.npz").exit_code == 0
     assert run("apply", tmp_path / "H.npz", csv, "-o", tmp_path / "out.csv").exit_code == 0
     lines = (tmp_path / "out.csv").read_text().splitlines()
     assert lines[0] == "label,pred,pred_name,p_0,p_1,p_2,p_3"
@@ -260,7 +261,7 @@ def test_npz_output_keeps_the_inputs_other_arrays(tmp_path):
     ids = np.arange(1000, 1300)
     np.savez(tmp_path / "test.npz", probs=probs, labels=labels, ids=ids, split=np.array("test"))
     np.savez(tmp_path / "val.npz", probs=probs, labels=labels)
-    assert run("fit", tmp_path / "val.npz", "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", tmp_path / "val.npz", "-o", tmp_path / "H.npz").exit_code == 0
     result = run("apply", tmp_path / "H.npz", tmp_path / "test.npz", "-o", tmp_path / "o.npz")
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "o.npz", allow_pickle=False) as out:
@@ -287,7 +288,7 @@ def test_string_labels_are_read_through_the_names_in_h(tmp_path):
         ),
         test,
     )
-    assert run("fit", val, "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", val, "-o", tmp_path / "H.npz").exit_code == 0
     no_names = run("evaluate", test)
     assert no_names.exit_code == 2 and "-H with an H that stores names" in no_names.stderr
 
@@ -311,7 +312,7 @@ def test_npz_string_labels_and_pred_name_via_h(tmp_path):
     names = np.array(["cat", "dog", "emu"])
     np.savez(tmp_path / "val.npz", probs=probs, labels=labels, class_names=names)
     np.savez(tmp_path / "test.npz", probs=probs, labels=names[labels])
-    assert run("fit", tmp_path / "val.npz", "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", tmp_path / "val.npz", "-o", tmp_path / "H.npz").exit_code == 0
     result = run("apply", tmp_path / "H.npz", tmp_path / "test.npz", "-o", tmp_path / "o.npz")
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "o.npz", allow_pickle=False) as out:

@@ -86,7 +86,8 @@ def test_fit_on_dask_equals_the_local_engine(scheduler, data):
         out = {}
         for engine in ("local", "dask"):
             path = data / f"H_{method}_{engine}.npz"
-            args = ["fit", data / "val", "-o", path, "--method", method, "--engine", engine]
+            args = ["fit", "--force", data / "val", "-o", path, "--method", method]
+            args += ["--engine", engine]
             args += ["--scheduler", scheduler] if engine == "dask" else ["--jobs", "1"]
             result = run(*args)
             assert result.exit_code == 0, result.output
@@ -98,7 +99,7 @@ def test_fit_on_dask_equals_the_local_engine(scheduler, data):
 
 
 def test_evaluate_on_dask_gives_identical_metrics(scheduler, data):
-    assert run("fit", data / "val", "-o", data / "H.npz", "--jobs", "1").exit_code == 0
+    assert run("fit", "--force", data / "val", "-o", data / "H.npz", "--jobs", "1").exit_code == 0
     reports = {}
     for engine in ("local", "dask"):
         args = ["evaluate", data / "test", "-H", data / "H.npz", "--json", "--engine", engine]
@@ -112,7 +113,10 @@ def test_evaluate_on_dask_gives_identical_metrics(scheduler, data):
 
 
 def test_apply_on_dask_writes_byte_identical_outputs(scheduler, data, monkeypatch):
-    assert run("fit", data / "val", "-o", data / "H_apply.npz", "--jobs", "1").exit_code == 0
+    assert (
+        run("fit", "--force", data / "val", "-o", data / "H_apply.npz", "--jobs", "1").exit_code
+        == 0
+    )
     h = data / "H_apply.npz"
     local = run("apply", h, data / "test", "-o", data / "out_local", "--jobs", "1")
     assert local.exit_code == 0, local.output

@@ -174,7 +174,7 @@ def test_a_shard_without_labels_is_refused_when_labels_are_needed(tmp_path):
         ),
         (
             lambda d: (d / "self.parquet").symlink_to(d / "self.parquet"),
-            r"self.parquet: cannot open",
+            r"self.parquet: a symbolic link to nothing",
         ),
         (lambda d: None, None),  # control: the folder alone is fine
     ],
@@ -200,7 +200,7 @@ def test_nothing_found_and_duplicates_are_errors(tmp_path):
     (tmp_path / "sub").mkdir()
     write_parquet(tmp_path / "sub" / "a.parquet", probs, labels)
     cases = {
-        str(tmp_path / "empty"): "no .npz, .npy, .parquet or .csv file in this directory",
+        str(tmp_path / "empty"): "is a directory with no .npz, .npy, .parquet or .csv file in it",
         str(tmp_path / "missing.parquet"): "no such file or directory",
         str(tmp_path / "*.csv"): "no .npz, .npy, .parquet or .csv file matches",
         "ftp://host/x.parquet": "unsupported URI scheme 'ftp://'",
@@ -239,7 +239,7 @@ def test_fit_and_evaluate_on_a_folder_equal_the_concatenated_file(shards, tmp_pa
     root, probs, labels = shards
     whole = write_parquet(tmp_path / "whole.parquet", probs, labels, class_names=NAMES)
     for target, name in ((root, "H_shards.npz"), (whole, "H_whole.npz")):
-        result = run("fit", target, "-o", tmp_path / name, "--jobs", "1")
+        result = run("fit", "--force", target, "-o", tmp_path / name, "--jobs", "1")
         assert result.exit_code == 0, result.output
     h_shards = np.load(tmp_path / "H_shards.npz")["H"]
     h_whole = np.load(tmp_path / "H_whole.npz")["H"]
@@ -258,6 +258,7 @@ def test_fit_on_several_globs_and_paths(shards, tmp_path):
     root, *_ = shards
     result = run(
         "fit",
+        "--force",
         str(root / "day=1" / "*.parquet"),
         root / "day=2",
         "-o",
@@ -300,7 +301,7 @@ def test_the_local_engine_never_imports_dask(shards, tmp_path):
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from cnnbal.cli import app\n"
-        f"r = CliRunner().invoke(app, ['fit', {str(root)!r}, '--jobs', '1'])\n"
+        f"r = CliRunner().invoke(app, ['fit', '--force', {str(root)!r}, '--jobs', '1'])\n"
         "assert r.exit_code == 0, r.output\n"
         "assert 'dask' not in sys.modules and 'distributed' not in sys.modules\n"
     )
@@ -365,7 +366,7 @@ def test_a_remote_uri_is_listed_and_read_through_its_pyarrow_filesystem(tmp_path
     np.testing.assert_array_equal(chunk.probs, probs[300:600])
 
     write_parquet(tmp_path / "val.parquet", probs[600:], labels[600:], class_names=NAMES)
-    assert run("fit", tmp_path / "val.parquet", "-o", tmp_path / "H.npz").exit_code == 0
+    assert run("fit", "--force", tmp_path / "val.parquet", "-o", tmp_path / "H.npz").exit_code == 0
     result = run("apply", tmp_path / "H.npz", "s3://bucket/run/day=1/a.parquet", "-o",
                  f"{tmp_path / 'out'}/", "--jobs", "1")  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -409,3 +410,19 @@ def test_other_methods_fit_on_a_folder_in_memory_and_evaluate_streamed(shards, t
         assert result.exit_code == 0, result.output
         reports.append(json.loads(result.stdout))
     assert reports[0]["metrics"] == reports[1]["metrics"]
+
+
+def test_the_fit_check_covers_a_dataset_and_says_when_it_is_too_large(
+    shards, tmp_path, monkeypatch
+):
+    """The synthetic shards have weak classes that the paper's H hurts: refused on a dataset too."""
+    root, *_ = shards
+    result = run("fit", root, "-o", tmp_path / "H.npz", "--jobs", "1")
+    assert result.exit_code == 1 and not (tmp_path / "H.npz").exists()
+    assert "FAILED: fit check on " in result.stderr and "(4 shards)" in result.stderr
+    import cnnbal.cli
+
+    monkeypatch.setattr(cnnbal.cli, "FIT_CHECK_MAX_CELLS", 1000)
+    result = run("fit", root, "-o", tmp_path / "H.npz", "--jobs", "1")
+    assert result.exit_code == 0 and (tmp_path / "H.npz").exists()
+    assert "fit check skipped: 2,400 rows x 6 classes" in " ".join(result.stderr.split())

@@ -486,10 +486,14 @@ def test_cli_plot_writes_png(files):
     result = invoke(val, *SMALL, "--plot", png)
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    curves = tmp / "curves.figure"  # no .png suffix: still a PNG
+    curves = tmp / "curves.PNG"  # the suffix in any case
     result = invoke(val, "--mode", "curves", "--folds", 3, "--plot", curves)
     assert result.exit_code == 0, result.output
     assert curves.read_bytes()[:4] == b"\x89PNG"
+    # a name that promises another format is refused before the sweep runs
+    result = invoke(val, *SMALL, "--plot", tmp / "curves.pdf")
+    assert result.exit_code == 2 and "--plot must end with .png" in result.stderr
+    assert not (tmp / "curves.pdf").exists()
 
 
 def test_cli_plot_without_matplotlib_says_how_to_install(files, monkeypatch):

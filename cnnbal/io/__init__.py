@@ -42,6 +42,8 @@ from cnnbal.io.writers import (
     TableWriter,
     atomic_output,
     check_not_input,
+    check_output_path,
+    check_outputs,
     file_sha256,
     probs_columns,
 )
@@ -60,6 +62,8 @@ __all__ = [
     "TableWriter",
     "atomic_output",
     "check_not_input",
+    "check_output_path",
+    "check_outputs",
     "check_probs",
     "file_sha256",
     "iter_chunks",

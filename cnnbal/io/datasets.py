@@ -231,13 +231,17 @@ def _expand_local(item: str) -> list[Shard]:
     try:
         is_dir = path.is_dir()
         path.stat()
-    except OSError as exc:  # ELOOP: a link to itself
+    except OSError as exc:  # ELOOP: a link to itself; ENOENT: a dangling link
+        if path.is_symlink():
+            raise CnnbalError(
+                f"{item}: a symbolic link to nothing (dangling, or a loop: {exc.strerror})"
+            ) from None
         raise CnnbalError(f"{item}: cannot open ({exc.strerror or exc})") from None
     if not is_dir:
         return [_local_shard(path, PurePosixPath(path.name))]
     files = _walk_local(path)
     if not files:
-        raise CnnbalError(f"{item}: no .npz, .npy, .parquet or .csv file in this directory")
+        raise CnnbalError(f"{item}: is a directory with no .npz, .npy, .parquet or .csv file in it")
     return [_local_shard(p, rel) for rel, p in files]
 
 
@@ -274,7 +278,11 @@ def _walk_local(root: Path) -> list[tuple[PurePosixPath, Path]]:
             try:
                 mode = os.stat(child).st_mode  # follows links
             except OSError as exc:
-                if Path(entry.name).suffix.lower() in SUFFIXES or entry.is_symlink():
+                if entry.is_symlink():
+                    raise CnnbalError(
+                        f"{child}: a symbolic link to nothing (dangling, or a loop: {exc.strerror})"
+                    ) from None
+                if Path(entry.name).suffix.lower() in SUFFIXES:
                     raise CnnbalError(f"{child}: cannot open ({exc.strerror or exc})") from None
                 continue
             if stat.S_ISDIR(mode):
@@ -411,7 +419,10 @@ class _ShardInfo:
 def _probe(shard: Shard, options: ReadOptions, require_labels: bool) -> _ShardInfo:
     """Read a shard's header: kind, K, class names, layout (no data for parquet/npy)."""
     if shard.suffix == ".npz" and shard.filesystem is None:
-        return _probe_npz(shard, options, require_labels)
+        info = _probe_npz(shard, options, require_labels)
+        if info is not None:
+            return info
+    # the readers' own checks (and messages); an odd .npz is read whole here
     source = shard.open(options, require_labels=require_labels)
     n_classes = source.n_classes
     if n_classes is None:  # a list column: the first block says how wide it is
@@ -432,23 +443,29 @@ def _probe(shard: Shard, options: ReadOptions, require_labels: bool) -> _ShardIn
     )
 
 
-def _probe_npz(shard: Shard, options: ReadOptions, require_labels: bool) -> _ShardInfo:
-    """An .npz header without decompressing its arrays (they are read again per shard)."""
+def _probe_npz(shard: Shard, options: ReadOptions, require_labels: bool) -> _ShardInfo | None:
+    """An .npz header without decompressing its arrays (they are read again per shard).
+
+    None when the archive is anything but plain (not a zip, members without
+    ``.npy``, named keys, odd shapes): the full reader then names the problem.
+    """
     import zipfile
 
     import numpy as np
 
-    name = shard.relpath
+    from cnnbal.io.validation import read_class_names
+
+    if options.score_column is not None or options.label_column is not None:
+        return None
     try:
         with zipfile.ZipFile(shard.location) as archive:
-            members = {m[:-4]: m for m in archive.namelist() if m.endswith(".npy")}
+            names = archive.namelist()
+            members = {m[:-4]: m for m in names if m.endswith(".npy")}
+            if len(members) != len(names):
+                return None
             key = next((k for k in PROB_KEYS + LOGIT_KEYS if k in members), None)
             if key is None:
-                found = ", ".join(sorted(members)) or "none"
-                raise CnnbalError(
-                    f"{name}: no scores found; expected an array named 'probs', "
-                    f"'predictions' or 'logits' (found: {found})"
-                )
+                return None
             with archive.open(members[key]) as fh:
                 version = np.lib.format.read_magic(fh)
                 if version == (1, 0):
@@ -456,27 +473,26 @@ def _probe_npz(shard: Shard, options: ReadOptions, require_labels: bool) -> _Sha
                 else:
                     shape, _, _ = np.lib.format.read_array_header_2_0(fh)
             has_labels = any(k in members for k in LABEL_KEYS)
-            names = None
+            class_names = None
             if "class_names" in members:
                 with archive.open(members["class_names"]) as fh:
-                    names = [str(n) for n in np.lib.format.read_array(fh, allow_pickle=False)]
-    except CnnbalError:
-        raise
-    except Exception as exc:  # BadZipFile, OSError, ValueError from a bad header
-        raise CnnbalError(f"{name}: not a readable .npz file ({_first_line(exc)})") from None
-    if len(shape) != 2:
-        raise CnnbalError(
-            f"{name}: expected a 2-D array (n_samples, n_classes), got shape {tuple(shape)}"
-        )
-    if require_labels and not has_labels:
-        raise CnnbalError(
-            f"{name}: no labels found (expected an array named " + " or ".join(LABEL_KEYS) + ")"
-        )
+                    stored = np.lib.format.read_array(fh, allow_pickle=False)
+                if stored.ndim != 1:
+                    return None
+                class_names = [str(n) for n in stored.tolist()]
+    except Exception:  # BadZipFile, OSError, ValueError: the reader says it in its words
+        return None
+    if len(shape) != 2 or (require_labels and not has_labels):
+        return None
     if options.classes_path is not None:
-        from cnnbal.io.validation import read_class_names
-
-        names = read_class_names(options.classes_path)
-    return _ShardInfo(_with_rows(shard, int(shape[0])), "array", int(shape[1]), names, ("array",))
+        class_names = read_class_names(options.classes_path)
+    if class_names is not None and (
+        len(class_names) != shape[1] or len(set(class_names)) != len(class_names)
+    ):
+        return None
+    return _ShardInfo(
+        _with_rows(shard, int(shape[0])), "array", int(shape[1]), class_names, ("array",)
+    )
 
 
 def _with_rows(shard: Shard, n_rows: int | None) -> Shard:

@@ -29,7 +29,12 @@ from cnnbal.io.options import (
     Outputs,
     ReadOptions,
 )
-from cnnbal.io.validation import check_probs, read_class_names, validate_labels
+from cnnbal.io.validation import (
+    check_class_names,
+    check_probs,
+    read_class_names,
+    validate_labels,
+)
 
 
 def read_outputs(
@@ -82,7 +87,9 @@ def read_outputs(
         )
     if labels is not None:
         labels = _labels_to_int(labels, names, path)
-        labels = validate_labels(labels, probs.shape[0], probs.shape[1], path)
+        labels = validate_labels(
+            labels, probs.shape[0], probs.shape[1], _labels_source(path, options)
+        )
     elif require_labels:
         raise CnnbalError(f"{path.name}: no labels found ({_label_hint(suffix)})")
     return Outputs(
@@ -107,6 +114,13 @@ def _class_names(
     return names
 
 
+def _labels_source(path: Path, options: ReadOptions) -> Path:
+    """The file the labels came from: --labels for a .npy input, else the input itself."""
+    if path.suffix.lower() == ".npy" and options.labels_path is not None:
+        return Path(options.labels_path)
+    return path
+
+
 def _label_hint(suffix: str) -> str:
     if suffix == ".npz":
         return "expected an array named " + " or ".join(LABEL_KEYS) + " (or --label-column KEY)"
@@ -117,6 +131,8 @@ def _label_hint(suffix: str) -> str:
 
 def _check_readable(path: Path) -> None:
     if not path.exists():
+        if path.is_symlink():
+            raise CnnbalError(f"{path}: a symbolic link to nothing (dangling, or a loop)")
         raise CnnbalError(f"{path}: no such file")
     if path.is_dir():
         raise CnnbalError(f"{path}: is a directory, expected a file")
@@ -131,12 +147,22 @@ def _load_npz(path: Path, source=None):
     import zipfile
 
     try:
-        return np.load(path if source is None else source, allow_pickle=False)
+        loaded = np.load(path if source is None else source, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise CnnbalError(f"{path.name}: not a readable .npz file ({exc})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise CnnbalError(f"{path.name}: a .npy array, not an .npz archive (rename it to .npy)")
+    return loaded
 
 
 def _npz_array(archive, key: str, path: Path) -> np.ndarray:
+    member = f"{key}.npy"
+    if member not in archive.zip.namelist():
+        raise CnnbalError(
+            f"{path.name}: member {key!r} is not a .npy array (npz members are NAME.npy)"
+        )
+    with archive.zip.open(member) as fh:
+        _check_npy_header(fh, archive.zip.getinfo(member).file_size, f"{path.name}: {key!r}")
     try:
         return archive[key]
     except ValueError:
@@ -210,20 +236,61 @@ def _read_npz(path: Path, options: ReadOptions | None = None, source=None):
         labels = _npz_array(archive, label_key, path) if label_key else None
         names = None
         if "class_names" in keys:
-            names = [str(n) for n in _npz_array(archive, "class_names", path).tolist()]
+            stored = _npz_array(archive, "class_names", path)
+            if stored.ndim != 1:
+                raise CnnbalError(f"{path.name}: class_names must be 1-D, got shape {stored.shape}")
+            names = check_class_names([str(n) for n in stored.tolist()], path)
     return scores, is_logits, labels, names
 
 
 def _load_npy(path: Path, *, mmap: bool = False, source=None) -> np.ndarray:
     try:
-        if source is not None:  # a file object (a remote shard): read whole
+        if source is not None:  # a file object (a remote shard): checked, then read whole
+            size = source.seek(0, 2)
+            source.seek(0)
+            _check_npy_header(source, size, path.name)
+            source.seek(0)
             return np.load(source, allow_pickle=False)
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"PK\x03\x04":
+                raise CnnbalError(
+                    f"{path.name}: an .npz archive, not a .npy array (rename it to .npz)"
+                )
+            fh.seek(0)
+            _check_npy_header(fh, os.fstat(fh.fileno()).st_size, path.name)
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as exc:
         msg = "holds Python objects; refusing to unpickle" if "pickle" in str(exc) else str(exc)
         raise CnnbalError(f"{path.name}: {msg}") from None
     except (OSError, EOFError) as exc:
         raise CnnbalError(f"{path.name}: not a readable .npy file ({exc})") from None
+
+
+def _check_npy_header(fh, size: int, where: str) -> None:
+    """Refuse a .npy whose header declares more data than it holds, before allocating it.
+
+    ``fh`` is at the start of the array; ``size`` is its length in bytes. A
+    header that cannot be parsed is left to :func:`numpy.load` (and its error).
+    """
+    from numpy.lib import format as npy_format
+
+    try:
+        version = npy_format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(fh)
+        else:
+            shape, _, dtype = npy_format.read_array_header_2_0(fh)
+    except Exception:  # not an array header: np.load names the problem
+        return
+    if dtype.hasobject:
+        return  # refused by np.load (no unpickling)
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    available = size - fh.tell()
+    if declared > available:
+        raise CnnbalError(
+            f"{where}: the header declares shape {tuple(shape)} ({declared:,} bytes) but the "
+            f"file holds {max(available, 0):,} bytes of data (truncated or corrupt)"
+        )
 
 
 def _read_npy(path: Path, options: ReadOptions):
@@ -288,9 +355,20 @@ def _read_table(path: Path, options: ReadOptions | None = None) -> pa.Table:
     try:
         return pq.read_table(path)
     except Exception as exc:
+        _explain_schema(path)  # a clearer error when the schema alone says why
         raise CnnbalError(
             f"{path.name}: not a readable parquet file ({_first_line(exc)})"
         ) from None
+
+
+def _explain_schema(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception:
+        return
+    column_names(schema, path)
 
 
 def _first_line(exc: Exception) -> str:
@@ -313,7 +391,7 @@ def _schema_class_names(schema: pa.Schema, path: Path) -> list[str] | None:
         raise CnnbalError(
             f"{path.name}: schema metadata 'cnnbal.class_names' is not a list of strings"
         )
-    return names
+    return check_class_names(names, path)
 
 
 def _labels_to_int(labels, names: list[str] | None, path: Path) -> np.ndarray:
@@ -348,7 +426,7 @@ class _TableLayout:
     def detect(cls, schema: pa.Schema, path: Path, options: ReadOptions) -> _TableLayout:
         import pyarrow as pa
 
-        names = list(schema.names)
+        names = column_names(schema, path)
         if options.label_column is not None:
             if options.label_column not in names:
                 raise CnnbalError(
@@ -358,6 +436,11 @@ class _TableLayout:
             label_column = options.label_column
         else:
             label_column = next((c for c in LABEL_COLUMNS if c in names), None)
+        if label_column is not None and pa.types.is_nested(schema.field(label_column).type):
+            raise CnnbalError(
+                f"{path.name}: column {label_column!r} must hold integers or class names, "
+                f"got {schema.field(label_column).type}"
+            )
 
         def list_column(name: str) -> bool:
             t = schema.field(name).type
@@ -443,6 +526,18 @@ class _TableLayout:
         if col.null_count:
             raise CnnbalError(f"{self.source}: column {self.label_column!r} has missing labels")
         return col.to_numpy(zero_copy_only=False)
+
+
+def column_names(schema, path: Path) -> list[str]:
+    """The column names of a table: UTF-8 text, each once (else a CnnbalError)."""
+    try:
+        names = list(schema.names)
+    except UnicodeDecodeError:
+        raise CnnbalError(f"{path.name}: column names are not UTF-8 text") from None
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise CnnbalError(f"{path.name}: duplicate column name(s) {', '.join(map(repr, repeated))}")
+    return names
 
 
 def _column_list(names: list[str], limit: int = 12) -> str:
@@ -577,9 +672,12 @@ def iter_chunks(
                 f"{path.name}: expected a 2-D array (n_samples, n_classes), "
                 f"got shape {scores.shape}"
             )
+        check_class_names(names, path, scores.shape[1])
         if labels is not None:
             labels = _labels_to_int(labels, names, path)
-            labels = validate_labels(labels, scores.shape[0], scores.shape[1], path)
+            labels = validate_labels(
+                labels, scores.shape[0], scores.shape[1], _labels_source(path, options)
+            )
         elif require_labels:
             raise CnnbalError(f"{path.name}: no labels found ({_label_hint(suffix)})")
         logits = is_logits or options.logits
@@ -609,7 +707,7 @@ def iter_chunks(
     layout = _TableLayout.detect(schema, path, options)
     n_columns = None if layout.is_list else len(layout.score_columns)
     names = _class_names(_schema_class_names(schema, path), options, n_columns)
-    keep = [c for c in schema.names if c not in layout.passthrough_exclude]
+    keep = [c for c in column_names(schema, path) if c not in layout.passthrough_exclude]
     if require_labels and layout.label_column is None:
         raise CnnbalError(f"{path.name}: no labels found ({_label_hint(suffix)})")
 
@@ -636,6 +734,7 @@ def iter_chunks(
             raise CnnbalError(f"{path.name}: no samples (0 rows)")
 
     n_classes = None if layout.is_list else len(layout.score_columns)
+    check_class_names(names, path, n_classes)
     return ChunkSource(path, "table", n_rows, n_classes, names, layout, table_chunks())
 
 

@@ -200,6 +200,12 @@ def validate_labels(
             raise CnnbalError(f"{name}: labels must be integers, found non-integer values")
     elif arr.dtype.kind not in "iu":
         raise CnnbalError(f"{name}: labels must be integers, got dtype {arr.dtype}")
+    if len(arr) and (arr.min() < 0 or arr.max() >= n_classes):  # before an int64 cast wraps
+        bad = arr[(arr < 0) | (arr >= n_classes)][0]
+        bad = int(bad) if arr.dtype.kind in "iu" else f"{bad:g}"
+        raise CnnbalError(
+            f"{name}: label {bad} out of range for {n_classes} classes [0, {n_classes})"
+        )
     arr = arr.astype(np.int64)
     if len(arr) and (arr.min() < 0 or arr.max() >= n_classes):
         bad = int(arr[(arr < 0) | (arr >= n_classes)][0])
@@ -207,6 +213,26 @@ def validate_labels(
             f"{name}: label {bad} out of range for {n_classes} classes [0, {n_classes})"
         )
     return arr
+
+
+def check_class_names(
+    names: list[str] | None, source: str | os.PathLike, n_classes: int | None = None
+) -> list[str] | None:
+    """Class names must be distinct (else string labels would all go to the last
+    duplicate) and, when ``n_classes`` is known, one per score column.
+
+    Returns ``names`` unchanged; None passes through.
+    """
+    if names is None:
+        return None
+    name = Path(source).name
+    seen: set[str] = set()
+    repeated = [n for n in names if n in seen or seen.add(n)]
+    if repeated:
+        raise CnnbalError(f"{name}: duplicate class name {repeated[0]!r} in the class names")
+    if n_classes is not None and len(names) != n_classes:
+        raise CnnbalError(f"{name}: {len(names)} class names for {n_classes} score columns")
+    return names
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
@@ -224,5 +250,6 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     if not names:
         raise CnnbalError(f"{path.name}: class list is empty")
     if len(set(names)) != len(names):
-        raise CnnbalError(f"{path.name}: class list has duplicate names")
+        first = next(n for i, n in enumerate(names) if n in names[:i])
+        raise CnnbalError(f"{path.name}: class list has duplicate names ({first!r})")
     return names

@@ -6,22 +6,24 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
+import secrets
+import stat
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnnbal.errors import CnnbalError
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
 from cnnbal.io.options import CHUNK_ROWS, CLASS_NAMES_KEY
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnnbal.io.readers import _TableLayout
+
+
+class OutputWriteError(CnnbalError, OSError):
+    """Writing an output failed (a full disk, a quota): still an ``OSError``, now naming
+    the output instead of its temporary file, and one line from the CLI."""
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -37,34 +39,163 @@ def check_not_input(target: str | os.PathLike, *inputs: str | os.PathLike) -> No
     """Raise if ``target`` is (or links to) one of ``inputs``: outputs never replace inputs."""
     target = Path(target)
     for src in inputs:
-        src = Path(src)
-        if target.resolve() == src.resolve() or (
-            target.exists() and src.exists() and os.path.samefile(target, src)
-        ):
-            raise CnnbalError(f"{target.name}: refusing to overwrite the input file {src.name}")
+        if _same_file(target, Path(src)):
+            raise CnnbalError(
+                f"{target.name}: refusing to overwrite the input file {Path(src).name}"
+            )
 
 
-@contextlib.contextmanager
-def atomic_output(target: str | os.PathLike, *inputs: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+def check_outputs(
+    outputs: Mapping[str, str | os.PathLike | None],
+    inputs: Mapping[str, str | os.PathLike | None],
+    *,
+    suffixes: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """Check a command's output paths before any work: the one place every command asks.
 
-    On any failure (including Ctrl-C) the temporary file is removed and
-    ``target`` is left as it was. Refuses a ``target`` that is one of ``inputs``.
+    No path named on the command line is written unless it is an output, and
+    no two outputs of one command are the same file. Files are compared by
+    resolved path (symbolic links followed) and, when both exist, by device
+    and inode (hard links).
+
+    Parameters
+    ----------
+    outputs : mapping of flag to path or None
+        E.g. ``{"-o": Path("H.npz"), "--plot": None}``; None entries are skipped.
+    inputs : mapping of flag to path or None
+        Every other path of the command line (``{"VAL": ..., "--labels": ...}``).
+    suffixes : mapping of flag to sequence of str, optional
+        The suffixes (lower case, with the dot) each output may have: the
+        format that will be written.
+
+    Raises
+    ------
+    CnnbalError
+        An output is an input, two outputs are one file, an output is a
+        directory or in a missing directory, or has the wrong suffix.
     """
+    named = {flag: Path(path) for flag, path in outputs.items() if path is not None}
+    for flag, target in named.items():
+        check_output_path(target, (suffixes or {}).get(flag), flag=flag)
+        for in_flag, src in inputs.items():
+            if src is not None and _same_file(target, Path(src)):
+                raise CnnbalError(
+                    f"{target}: refusing to overwrite the input file ({flag} and {in_flag} "
+                    "name the same file)"
+                )
+    flags = list(named)
+    for i, first in enumerate(flags):
+        for second in flags[i + 1 :]:
+            if _same_file(named[first], named[second]):
+                raise CnnbalError(
+                    f"{named[second]}: {first} and {second} name the same file; "
+                    "give each output its own path"
+                )
+
+
+def check_output_path(
+    target: str | os.PathLike, suffixes: Sequence[str] | None = None, *, flag: str = ""
+) -> None:
+    """An output path must be writable-looking: an existing directory, no directory itself,
+    and (with ``suffixes``) a suffix matching the format that will be written."""
     target = Path(target)
-    check_not_input(target, *inputs)
+    where = f"{flag} " if flag else ""
+    if suffixes is not None and target.suffix.lower() not in suffixes:
+        raise CnnbalError(
+            f"{target}: {where}must end with {' or '.join(suffixes)} (the format written), "
+            f"got {target.suffix or 'no suffix'!r}"
+        )
+    if target.is_dir():
+        raise CnnbalError(f"{target}: {where}is a directory, expected a file name")
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise CnnbalError(f"{target}: directory {directory} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
+
+
+def _same_file(a: Path, b: Path) -> bool:
     try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: compare what can be compared
+        if os.path.abspath(a) == os.path.abspath(b):
+            return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _new_file_mode(target: Path) -> int:
+    """The mode ``open(target, "w")`` leaves: the existing file's, else 0o666 less the umask."""
+    with contextlib.suppress(OSError):
+        info = os.stat(target)
+        if stat.S_ISREG(info.st_mode):
+            return stat.S_IMODE(info.st_mode)
+    mask = os.umask(0)  # the only way to read the umask; restored at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temp_name(target: Path) -> str:
+    """A hidden temporary name beside ``target``, short enough for any legal ``target``.
+
+    At most ~60 bytes whatever the target's length (NAME_MAX is 255 bytes): a
+    bounded prefix of the name, so that a leftover is recognisable, and a
+    random token.
+    """
+    stem = target.name.encode("utf-8", "surrogateescape")[:24].decode("utf-8", "ignore")
+    return f".{stem}.{secrets.token_hex(6)}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_output(
+    target: str | os.PathLike,
+    *inputs: str | os.PathLike,
+    suffixes: Sequence[str] | None = None,
+) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+
+    On any failure (an exception, Ctrl-C, or SIGTERM/SIGHUP under the CLI) the
+    temporary file is removed and ``target`` is left as it was. Refuses a
+    ``target`` that is one of ``inputs``, and (with ``suffixes``) one whose
+    suffix does not match the format written. The file ends with the mode
+    ``open()`` would give it (the umask's, or the replaced file's), and an
+    ``OSError`` while writing (a full disk) becomes a :class:`CnnbalError`
+    naming ``target``.
+    """
+    target = Path(target)
+    check_not_input(target, *inputs)
+    check_output_path(target, suffixes)
+    directory = target.parent if str(target.parent) else Path(".")
+    mode = _new_file_mode(target)
+    # ``tmp`` names the candidate before it is created, so that a signal that
+    # lands right after the creation still finds it to remove (a 48-bit random
+    # name: an existing file of that name is not a practical concern)
+    tmp = None
+    try:
+        while True:
+            tmp = directory / _temp_name(target)
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:  # pragma: no cover - a 48-bit token collision
+                continue
+            except OSError as exc:
+                tmp = None
+                raise CnnbalError(
+                    f"{target}: cannot create a file in {directory}: {exc.strerror}"
+                ) from None
+            break
         yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        # an error of the output itself (a full disk): name the output, not the
+        # temporary file; one that names another file (an input) goes on as it is
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            raise OutputWriteError(f"{target}: cannot write: {exc.strerror or exc}") from None
         raise
 
 
