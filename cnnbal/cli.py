@@ -497,7 +497,11 @@ def _cv_choice(cv: dict) -> str:
 @app.command("apply")
 @handle_errors
 def apply_command(
-    h: Annotated[Path, typer.Argument(help="The H artifact from `cnnbal fit`.", metavar="H")],
+    # readable=False: an unreadable H gets load_artifact's one-line error, not click's usage text
+    h: Annotated[
+        Path,
+        typer.Argument(help="The H artifact from `cnnbal fit`.", metavar="H", readable=False),
+    ],
     input: Annotated[
         Path, typer.Argument(help="Outputs to correct (labels optional).", metavar="INPUT")
     ],
@@ -603,9 +607,12 @@ def evaluate_command(
             "--correction",
             help="The H artifact (omit: raw only). Its class names read string labels.",
             metavar="FILE",
+            readable=False,  # load_artifact says what is wrong, in one line
         ),
     ] = None,
-    h_old_spelling: Annotated[Path | None, typer.Option("--h", hidden=True, metavar="FILE")] = None,
+    h_old_spelling: Annotated[
+        Path | None, typer.Option("--h", hidden=True, metavar="FILE", readable=False)
+    ] = None,
     per_class: Annotated[
         bool, typer.Option("--per-class", help="Also show per-class accuracy.")
     ] = False,
@@ -809,7 +816,7 @@ def _parse_gate(kind: str, flag: str, text: str) -> Gate:
 @app.command("info")
 @handle_errors
 def info_command(
-    h: Annotated[Path, typer.Argument(help="An H artifact.", metavar="H")],
+    h: Annotated[Path, typer.Argument(help="An H artifact.", metavar="H", readable=False)],
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
