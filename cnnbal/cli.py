@@ -167,7 +167,7 @@ def fit_command(
             "--prior",
             help="prior-match's target: uniform, val (label frequencies) or a FILE of K "
             "weights (.npy or text).",
-            metavar="PRIOR",
+            metavar="uniform|val|FILE",
         ),
     ] = "uniform",
     unlabelled: Annotated[
@@ -175,14 +175,18 @@ def fit_command(
         typer.Option("--unlabelled", help="prior-match: fit without labels (e.g. on TEST itself)."),
     ] = False,
     folds: Annotated[
-        int, typer.Option("--folds", help="CV folds choosing hyper-parameters.", metavar="K")
+        int, typer.Option("--folds", help="CV folds choosing hyper-parameters.", metavar="N")
     ] = 5,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the CV fold assignment.", metavar="N")
     ] = 0,
     objective: Annotated[
         Objective,
-        typer.Option("--objective", help="What CV maximises (as in sweep)."),
+        typer.Option(
+            "--objective",
+            help="What CV maximises (as in sweep).",
+            metavar="worst20|low20_val|balanced|total",
+        ),
     ] = Objective.worst20,
     max_total_drop: Annotated[
         float,

@@ -435,13 +435,16 @@ def _print_human(console, result, top, test_report, test, output, written, plott
 
     objective = result.objective_score
     raw_obj = result.raw_mean(objective)
+    title = (
+        f"{result.n_folds}-fold CV on validation (n={result.n_samples}, "
+        f"K={result.n_classes}): best {min(top, len(result.configs))} of "
+        f"{len(result.configs)} by {result.objective}; accuracy %, mean±std over folds"
+    )
     table = Table(
-        title=(
-            f"{result.n_folds}-fold CV on validation (n={result.n_samples}, "
-            f"K={result.n_classes}): best {min(top, len(result.configs))} of "
-            f"{len(result.configs)} by {result.objective}; accuracy %, mean±std over folds"
-        ),
+        title=title,
         title_justify="left",
+        # as wide as the title: rich wraps a title wider than its table, also in a pipe
+        min_width=len(title),
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,

@@ -1,0 +1,73 @@
+"""Human output in a pipe, read as a new user reads it (the pre-release walkthrough): no
+sentence, title or path is cut at a fixed width, notes go to stderr, --help agrees."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cnnbal.cli import app
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def run(*args):
+    # CliRunner's streams are not terminals: what a pipe or a CI log gets
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": None})
+
+
+def test_sweep_table_title_is_one_line_in_a_pipe():
+    result = run("sweep", SAMPLE / "val.parquet", "--r-low", "0.1", "--r-high", "0.8",
+                 "--beta", "1.5,2", "--alpha", "3", "--folds", "2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("2-fold CV on validation (n=449, K=10): best 2 of 2 by worst20")
+    assert first.rstrip().endswith("accuracy %, mean±std over folds")
+
+
+def test_compare_sentences_and_paths_are_not_cut_at_the_table_width(tmp_path):
+    target = tmp_path / ("a_long_directory_name_" * 4) / "recommended_correction.npz"
+    target.parent.mkdir()
+    result = run("compare", SAMPLE / "val.parquet", "--methods", "logit-adjust,class-dro",
+                 "-o", target)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert f"wrote {target}: class-dro, refit on all of VAL" in lines
+    decision = [line for line in lines if line.startswith("Recommended (VAL only")]
+    assert len(decision) == 1 and decision[0].endswith("total +1.12 pts.")
+    # the table itself still fits 100 columns
+    table = lines[: lines.index(next(ln for ln in lines if ln.startswith("cv: mean change")))]
+    assert max(len(line) for line in table) <= 100
+
+
+def test_compare_notes_go_to_stderr(tmp_path):
+    """A fit warning (a class without validation samples) is a note on stderr, never mixed
+    into the table on stdout, with or without --json."""
+    import numpy as np
+
+    with np.load(SAMPLE / "val.npz", allow_pickle=False) as val:
+        probs, labels = val["probs"], val["labels"]
+    keep = labels != 9
+    np.savez(tmp_path / "val.npz", probs=probs[keep], labels=labels[keep])
+    result = run("compare", tmp_path / "val.npz", "--methods", "logit-adjust")
+    assert result.exit_code == 0, result.output
+    assert "note (logit-adjust):" in result.stderr
+    assert "note (" not in result.stdout
+
+
+def test_cv_flags_read_the_same_in_every_command():
+    """--folds, --objective and --prior show one metavar wherever they appear."""
+    metavars: dict[str, set[str]] = {}
+    for command in ("fit", "sweep", "compare"):
+        text = run(command, "--help").stdout.split("Options:")[1]
+        for flag in ("--folds", "--objective", "--prior"):
+            found = re.search(rf"^  {flag} (\S+)", text, re.M)
+            if found:
+                metavars.setdefault(flag, set()).add(found.group(1))
+    assert metavars == {
+        "--folds": {"N"},
+        "--objective": {"worst20|low20_val|balanced|total"},
+        "--prior": {"uniform|val|FILE"},
+    }
