@@ -301,7 +301,19 @@ def fit_command(
 
         save_artifact(output, artifact)
     written = output if not refused else None
-    _report_fit(artifact, notes, fitted, outputs, written, val, start, as_json, quiet, check)
+    _report_fit(
+        artifact,
+        notes,
+        fitted,
+        outputs,
+        written,
+        val,
+        start,
+        as_json,
+        quiet,
+        check,
+        dry_run=output is None,
+    )
     if refused:
         # one line, whatever --quiet says: a refused fit must never pass unnoticed
         typer.echo(
@@ -336,7 +348,17 @@ def _fit_check(outputs, method, params, artifact, folds, seed, max_total_drop):
 
 
 def _report_fit(
-    artifact, notes, fitted, outputs, output, val, start, as_json, quiet, check=None
+    artifact,
+    notes,
+    fitted,
+    outputs,
+    output,
+    val,
+    start,
+    as_json,
+    quiet,
+    check=None,
+    dry_run=False,
 ) -> None:
     seconds = time.perf_counter() - start
     summary = artifact.describe()
@@ -358,7 +380,7 @@ def _report_fit(
     err = stderr_console(quiet)
     for note in notes:
         err.print(f"[yellow]warning:[/] {note}", highlight=False)
-    if output is None:
+    if dry_run:  # a refused fit says so in its own FAILED line
         err.print(
             "note: nothing written (no -o/--output); pass -o H.npz to save H", highlight=False
         )

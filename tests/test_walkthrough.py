@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 from cnnbal.cli import app
@@ -45,8 +46,6 @@ def test_compare_sentences_and_paths_are_not_cut_at_the_table_width(tmp_path):
 def test_compare_notes_go_to_stderr(tmp_path):
     """A fit warning (a class without validation samples) is a note on stderr, never mixed
     into the table on stdout, with or without --json."""
-    import numpy as np
-
     with np.load(SAMPLE / "val.npz", allow_pickle=False) as val:
         probs, labels = val["probs"], val["labels"]
     keep = labels != 9
@@ -71,3 +70,17 @@ def test_cv_flags_read_the_same_in_every_command():
         "--objective": {"worst20|low20_val|balanced|total"},
         "--prior": {"uniform|val|FILE"},
     }
+
+
+def test_a_refused_fit_with_o_does_not_say_that_o_was_missing(tmp_path):
+    """`fit -o H.npz` refused by the fit check: the FAILED line says why; no 'no -o' note."""
+    from tests.test_check import three_weak_classes
+
+    probs, labels = three_weak_classes()
+    np.savez(tmp_path / "val.npz", probs=probs, labels=labels)
+    refused = run("fit", tmp_path / "val.npz", "-o", tmp_path / "H.npz")
+    assert refused.exit_code == 1
+    assert "FAILED: fit check" in refused.stderr
+    assert "no -o/--output" not in refused.stderr
+    dry = run("fit", tmp_path / "val.npz", "--force")
+    assert "note: nothing written (no -o/--output)" in dry.stderr
