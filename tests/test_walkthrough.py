@@ -84,3 +84,24 @@ def test_a_refused_fit_with_o_does_not_say_that_o_was_missing(tmp_path):
     assert "no -o/--output" not in refused.stderr
     dry = run("fit", tmp_path / "val.npz", "--force")
     assert "note: nothing written (no -o/--output)" in dry.stderr
+
+
+def test_docs_checks_run_outside_a_git_checkout(tmp_path, monkeypatch):
+    """The README's test command also passes in an unpacked source archive (no .git):
+    tests/test_docs.py lists the shipped folders itself instead of failing on git."""
+    import subprocess
+
+    from tests import test_docs
+
+    real_run = subprocess.run
+
+    def no_git(args, **kwargs):
+        if args[:2] == ["git", "ls-files"]:
+            return subprocess.CompletedProcess(args, 128, "", "not a git repository")
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(test_docs.subprocess, "run", no_git)
+    files = {str(path.relative_to(test_docs.REPO)) for path in test_docs.tracked_text_files()}
+    assert {"README.md", "CHANGELOG.md", "cnnbal/cli.py", "docs/method.md"} <= files
+    assert not any(name.startswith(".venv") for name in files)
+    test_docs.test_every_cited_section_exists()
