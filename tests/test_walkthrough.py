@@ -105,3 +105,14 @@ def test_docs_checks_run_outside_a_git_checkout(tmp_path, monkeypatch):
     assert {"README.md", "CHANGELOG.md", "cnnbal/cli.py", "docs/method.md"} <= files
     assert not any(name.startswith(".venv") for name in files)
     test_docs.test_every_cited_section_exists()
+
+
+def test_readme_sample_table_is_what_evaluate_prints(tmp_path):
+    """The table under "Set up" is the output of the set-up command, line for line."""
+    readme = (SAMPLE.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```\ntest.parquet: 450 samples", 1)[1].split("```", 1)[0]
+    shown = ("test.parquet: 450 samples" + block).splitlines()
+    assert run("fit", SAMPLE / "val.parquet", "-o", tmp_path / "H.npz", "-q").exit_code == 0
+    result = run("evaluate", SAMPLE / "test.parquet", "-H", tmp_path / "H.npz")
+    assert result.exit_code == 0, result.output
+    assert [line.rstrip() for line in result.stdout.splitlines()] == shown
