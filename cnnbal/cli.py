@@ -42,7 +42,8 @@ from cnnbal.cli_sweep import Objective, sweep_command
 app = typer.Typer(
     name="cnnbal",
     help="More balanced per-class accuracy for a trained classifier, after training "
-    "(Choi 2017: an affine correction H after the softmax).",
+    "(Choi 2017's affine correction H after the softmax, per-class logit biases and "
+    "calibration; `cnnbal compare` recommends one).",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,

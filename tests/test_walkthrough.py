@@ -116,3 +116,10 @@ def test_readme_sample_table_is_what_evaluate_prints(tmp_path):
     result = run("evaluate", SAMPLE / "test.parquet", "-H", tmp_path / "H.npz")
     assert result.exit_code == 0, result.output
     assert [line.rstrip() for line in result.stdout.splitlines()] == shown
+
+
+def test_top_level_and_extract_help_name_what_the_tool_does_now():
+    top = " ".join(run("--help").stdout.split())
+    assert "logit biases" in top and "cnnbal compare" in top
+    extract = " ".join(run("extract", "--help").stdout.split())
+    assert "device, amp, precision, seconds, images_per_second, skipped" in extract
