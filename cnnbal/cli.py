@@ -583,7 +583,9 @@ def evaluate_command(
         typer.Option(
             "--min-gain",
             help="Exit 1 unless METRIC (any key of the JSON 'metrics', e.g. "
-            "worst20_accuracy) improves by at least PTS percentage points. Repeatable.",
+            "worst20_accuracy) improves by at least PTS points (hundredths of the metric: "
+            "percentage points for accuracies; for squared_error a gain is a decrease). "
+            "Repeatable.",
             metavar="METRIC=PTS",
         ),
     ] = None,
@@ -591,7 +593,7 @@ def evaluate_command(
         list[str] | None,
         typer.Option(
             "--max-drop",
-            help="Exit 1 if METRIC worsens by more than PTS percentage points. Repeatable.",
+            help="Exit 1 if METRIC worsens by more than PTS points (as --min-gain). Repeatable.",
             metavar="METRIC=PTS",
         ),
     ] = None,

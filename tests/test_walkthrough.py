@@ -123,3 +123,11 @@ def test_top_level_and_extract_help_name_what_the_tool_does_now():
     assert "logit biases" in top and "cnnbal compare" in top
     extract = " ".join(run("extract", "--help").stdout.split())
     assert "device, amp, precision, seconds, images_per_second, skipped" in extract
+
+
+def test_evaluate_help_says_what_a_point_is_for_every_metric():
+    """README: points are hundredths of the metric, so a macro_f1 or squared_error gate
+    reads the same way; --help must not say 'percentage points' only."""
+    text = " ".join(run("evaluate", "--help").stdout.split())
+    assert "hundredths of the metric" in text
+    assert "for squared_error a gain is a decrease" in text
