@@ -131,3 +131,20 @@ def test_evaluate_help_says_what_a_point_is_for_every_metric():
     text = " ".join(run("evaluate", "--help").stdout.split())
     assert "hundredths of the metric" in text
     assert "for squared_error a gain is a decrease" in text
+
+
+def test_sweep_o_with_nothing_eligible_says_so_even_when_quiet(tmp_path):
+    """Exit 1 is a failed check: `sweep -o H.npz -q` (or --json) must still name it on
+    stderr, as `fit` does, instead of exiting 1 in silence."""
+    from tests.test_check import three_weak_classes
+
+    probs, labels = three_weak_classes()
+    np.savez(tmp_path / "weak.npz", probs=probs, labels=labels)
+    grid = ["--r-low", "0.1", "--r-high", "0.8", "--beta", "1.5", "--alpha", "3"]
+    for extra in (["-q"], ["--json"], ["-q", "--json"]):
+        result = run("sweep", tmp_path / "weak.npz", *grid, "-o", tmp_path / "H.npz", *extra)
+        assert result.exit_code == 1, extra
+        failed = [line for line in result.stderr.splitlines() if line.startswith("FAILED")]
+        assert len(failed) == 1, (extra, result.stderr)
+        assert "Nothing written to" in failed[0] and "--max-total-drop" in failed[0]
+        assert not (tmp_path / "H.npz").exists()
