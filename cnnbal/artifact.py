@@ -388,8 +388,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     """
     path = Path(path)
     name = path.name
-    if not path.is_file():
-        raise CnnbalError(f"{path}: no such file")
+    _check_artifact_path(path)
     try:
         with open(path, "rb") as fh:
             magic = fh.read(6)
@@ -401,8 +400,38 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
             return _read_archive(archive, name)
     except CnnbalError:
         raise
+    except PermissionError:
+        raise CnnbalError(f"{path}: permission denied") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise CnnbalError(f"{name}: not a readable H artifact ({exc})") from None
+
+
+def _check_artifact_path(path: Path) -> None:
+    """Say what is wrong with a path that cannot be an artifact, in one line naming it.
+
+    ``Path.is_file`` answers False for every failure, which once made a folder,
+    a symbolic link loop and an unreadable file all read "no such file".
+    """
+    import errno
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            msg = f"{path}: a symbolic link loop, expected an H artifact .npz"
+            raise CnnbalError(msg) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise CnnbalError(f"{path}: permission denied") from None
+        if exc.errno == errno.ENOENT and path.is_symlink():
+            raise CnnbalError(f"{path}: a symbolic link to nothing (dangling)") from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise CnnbalError(f"{path}: no such file") from None
+        raise CnnbalError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise CnnbalError(f"{path}: is a directory, expected an H artifact .npz")
+    if not stat.S_ISREG(mode):
+        raise CnnbalError(f"{path}: not a regular file, expected an H artifact .npz")
 
 
 def _read_archive(archive: zipfile.ZipFile, name: str) -> Artifact:

@@ -13,6 +13,10 @@ The check is generic: ``fit_fn(probs, labels)`` may return any fitted
 correction (see :func:`predict`). The elaborated affine fit has a fast path
 that computes the per-row work (argmax, competitive set, apply gate) once for
 all folds; its held-out predictions are those of refitting (H equal to rounding).
+The other methods (:mod:`cnnbal.methods`) are checked by refitting them with
+their hyper-parameters fixed (:class:`MethodRefit`); where their own CV chose
+the hyper-parameter, :func:`check_from_cv` reads the same estimate from that CV
+(it already kept total accuracy within the limit) instead of computing it twice.
 
 Pure functions: no printing, no files; the fold assignment takes a seed.
 """
@@ -36,7 +40,9 @@ __all__ = [
     "DEFAULT_FOLDS",
     "ElaboratedFit",
     "FitCheck",
+    "MethodRefit",
     "check_fit",
+    "check_from_cv",
     "fit_function",
     "predict",
 ]
@@ -64,15 +70,66 @@ class ElaboratedFit:
         return fit_elaborated(probs, labels, self.params)
 
 
-def fit_function(method: str, params: FitParams | None = None):
-    """The ``fit_fn`` of :func:`check_fit` for a method of :data:`cnnbal.core.METHODS`."""
+@dataclass(frozen=True)
+class MethodRefit:
+    """A method of :mod:`cnnbal.methods` with every hyper-parameter fixed, as a ``fit_fn``.
+
+    Calling it is :func:`cnnbal.methods.fit_method` with ``hyper`` (nothing
+    left for an inner CV to choose) and returns the fitted
+    :class:`~cnnbal.corrections.Correction`.
+
+    Attributes
+    ----------
+    method : str
+        Not ``elaborated`` / ``naive`` (see :func:`fit_function`).
+    hyper : dict of str to float
+        A value for every hyper-parameter of the method
+        (:data:`cnnbal.methods.HYPERPARAMS`).
+    prior : {"uniform", "val"} or ndarray of shape (n_classes,)
+        ``prior-match``'s target (``"val"``: the training part's label frequencies).
+    """
+
+    method: str
+    hyper: dict = field(default_factory=dict)
+    prior: object = "uniform"
+
+    def __post_init__(self):
+        from cnnbal.methods import HYPERPARAMS
+
+        missing = sorted(set(HYPERPARAMS[self.method]) - set(self.hyper))
+        if missing:  # an inner CV in every fold would check another procedure
+            raise CnnbalError(f"fit check of {self.method}: no value for {', '.join(missing)}")
+
+    def __call__(self, probs: np.ndarray, labels: np.ndarray):
+        from cnnbal.methods import fit_method
+
+        fitted = fit_method(self.method, probs, labels, hyper=dict(self.hyper), prior=self.prior)
+        return fitted.correction
+
+
+def fit_function(
+    method: str,
+    params: FitParams | None = None,
+    *,
+    hyper: dict | None = None,
+    prior: str | np.ndarray = "uniform",
+):
+    """The ``fit_fn`` of :func:`check_fit` for a method of :data:`cnnbal.methods.METHOD_NAMES`.
+
+    ``params`` is the elaborated fit's; ``hyper`` and ``prior`` are the other
+    methods' (every hyper-parameter given, see :class:`MethodRefit`).
+    """
     from cnnbal.core import fit_naive
 
     if method == "elaborated":
         return ElaboratedFit(params or DEFAULT_PARAMS)
     if method == "naive":
         return fit_naive
-    raise CnnbalError(f"--method: no fit check for method {method!r}")
+    from cnnbal.methods import METHOD_NAMES
+
+    if method not in METHOD_NAMES:
+        raise CnnbalError(f"--method: no fit check for method {method!r}")
+    return MethodRefit(method, dict(hyper or {}), prior)
 
 
 @dataclass(frozen=True)
@@ -96,7 +153,10 @@ class FitCheck:
         The cross-validated total accuracy is at most ``max_total_drop``
         points below raw.
     skipped : str
-        Why no cross-validation was run (too few samples), else "".
+        Why no cross-validation was run (too few samples, no labels), else "".
+    source : str
+        Where the estimate comes from when no check of its own was run (the
+        method's CV that chose its hyper-parameter, :func:`check_from_cv`), else "".
     """
 
     in_sample: dict[str, tuple[float, float]]
@@ -107,6 +167,7 @@ class FitCheck:
     max_total_drop: float
     passed: bool
     skipped: str = field(default="")
+    source: str = field(default="")
 
     @property
     def total_drop_points(self) -> float:
@@ -132,6 +193,8 @@ class FitCheck:
         }
         if self.skipped:
             out["skipped"] = self.skipped
+        if self.source:
+            out["source"] = self.source
         return out
 
     def summary(self) -> str:
@@ -269,6 +332,59 @@ def check_fit(
         seed=int(seed),
         max_total_drop=float(max_total_drop),
         passed=passed,
+    )
+
+
+def check_from_cv(probs: np.ndarray, labels: np.ndarray, fitted) -> FitCheck:
+    """The check of a fit whose hyper-parameter its own CV chose, read from that CV.
+
+    :func:`cnnbal.methods.fit_method` scored every grid value by the same
+    stratified folds (:func:`cnnbal.sweep.stratified_folds`, same ``n_folds``
+    and ``seed``) that :func:`check_fit` would use, and chose only among values
+    within ``max_total_drop``; its mean held-out scores at the chosen value are
+    what :func:`check_fit` with :class:`MethodRefit` computes, so they are not
+    computed twice. Only the in-sample scores (one prediction) are new.
+
+    Parameters
+    ----------
+    probs : ndarray of shape (n_samples, n_classes)
+    labels : ndarray of shape (n_samples,), int
+    fitted : MethodFit
+        With ``fitted.cv`` (the CV record) not None.
+
+    Returns
+    -------
+    FitCheck
+        ``fold_total`` is empty (the record keeps means only); ``source`` says
+        which CV the estimate is from.
+    """
+    cv = fitted.cv
+    labels = np.asarray(labels, dtype=np.int64)
+    n_classes = probs.shape[1]
+    raw_pred = probs.argmax(axis=1)
+    in_sample = _pair(
+        _scores(raw_pred, labels, n_classes),
+        _scores(predict(fitted.correction, probs, raw_pred), labels, n_classes),
+    )
+    raw = np.array([cv["raw_mean_scores"][name] for name in CHECK_SCORES])
+    chosen = cv.get("chosen")
+    if chosen is None:  # nothing eligible: the identity, which changes nothing
+        corrected, source = raw, f"the CV of {cv['name']}: no value eligible, no correction"
+    else:
+        i = [float(v) for v in cv["grid"]].index(float(chosen))
+        corrected = np.array([cv["mean_scores"][name][i] for name in CHECK_SCORES])
+        source = f"the CV that chose {cv['name']}={chosen:g}"
+    limit = float(cv["max_total_drop"])
+    total = CHECK_SCORES.index("total_accuracy")
+    return FitCheck(
+        in_sample=in_sample,
+        cross_validated=_pair(raw, corrected),
+        fold_total=np.empty((0, 2)),
+        n_folds=int(cv["n_folds"]),
+        seed=int(cv["seed"]),
+        max_total_drop=limit,
+        passed=bool(corrected[total] >= raw[total] - limit / 100.0 - _TIE),
+        source=source,
     )
 
 

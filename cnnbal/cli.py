@@ -176,7 +176,10 @@ def fit_command(
         typer.Option("--unlabelled", help="prior-match: fit without labels (e.g. on TEST itself)."),
     ] = False,
     folds: Annotated[
-        int, typer.Option("--folds", help="CV folds choosing hyper-parameters.", metavar="N")
+        int,
+        typer.Option(
+            "--folds", help="CV folds (choosing hyper-parameters, the fit check).", metavar="N"
+        ),
     ] = 5,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the CV fold assignment.", metavar="N")
@@ -194,14 +197,14 @@ def fit_command(
         typer.Option(
             "--max-total-drop",
             help="The fit check: refuse (exit 1, write nothing) if the cross-validated total "
-            "accuracy of the paper's fit falls more than PTS points below raw; other methods: "
-            "CV only chooses values within this limit (as in sweep).",
+            "accuracy of the fit falls more than PTS points below raw; CV only chooses "
+            "hyper-parameter values within this limit (as in sweep).",
             metavar="PTS",
         ),
     ] = 0.5,
     force: Annotated[
         bool,
-        typer.Option("--force", help="Write the paper's H even if the fit check fails."),
+        typer.Option("--force", help="Write the correction even if the fit check fails."),
     ] = False,
     logits: LogitsOpt = False,
     renormalize: RenormalizeOpt = False,
@@ -296,6 +299,10 @@ def fit_command(
             provenance={"prior": prior} if method == "prior-match" else None,
         )
         notes = fitted.warnings
+        check = _method_check(outputs, fitted, target, unlabelled, folds, seed, max_total_drop)
+        artifact = dataclasses.replace(
+            artifact, provenance={**artifact.provenance, "fit_check": check.to_dict()}
+        )
     refused = check is not None and not check.passed and not force
     if output is not None and not refused:
         from cnnbal.artifact import save_artifact
@@ -303,24 +310,13 @@ def fit_command(
         save_artifact(output, artifact)
     written = output if not refused else None
     _report_fit(
-        artifact,
-        notes,
-        fitted,
-        outputs,
-        written,
-        val,
-        start,
-        as_json,
-        quiet,
-        check,
-        dry_run=output is None,
+        artifact, notes, fitted, outputs, written, val, start, as_json, quiet, check, refused
     )
     if refused:
         # one line, whatever --quiet says: a refused fit must never pass unnoticed
         typer.echo(
-            f"FAILED: fit check on {val.name}: {check.summary()}; nothing written. Choose the "
-            f"parameters with `cnnbal sweep {val}` (or keep the raw outputs); --force writes "
-            "H anyway.",
+            f"FAILED: fit check on {val.name}: {check.summary()}; nothing written. "
+            f"{_refused_advice(method, fitted, val)}",
             err=True,
         )
         raise typer.Exit(1)
@@ -334,7 +330,7 @@ def fit_command(
 
 
 def _fit_check(outputs, method, params, artifact, folds, seed, max_total_drop):
-    """The paper's fit, cross-validated on VAL (the other methods' CV already limits them)."""
+    """The paper's fit (elaborated or naive), cross-validated on VAL."""
     from cnnbal.check import check_fit, fit_function
 
     return check_fit(
@@ -348,18 +344,58 @@ def _fit_check(outputs, method, params, artifact, folds, seed, max_total_drop):
     )
 
 
+def _method_check(outputs, fitted, prior, unlabelled, folds, seed, max_total_drop):
+    """The check of a method of cnnbal.methods: its own CV's estimate where that CV chose the
+    hyper-parameter (and so already kept the limit), else cross-validation of the fit as made
+    (hyper-parameters given, or none to choose), refitting it with the same values."""
+    import numpy as np
+
+    from cnnbal.check import FitCheck, check_fit, check_from_cv, fit_function
+
+    if unlabelled:
+        return FitCheck(
+            in_sample={},
+            cross_validated={},
+            fold_total=np.empty((0, 2)),
+            n_folds=folds,
+            seed=seed,
+            max_total_drop=max_total_drop,
+            passed=True,
+            skipped="fitted without labels (--unlabelled): no check is possible",
+        )
+    if fitted.chosen_by_cv:
+        return check_from_cv(outputs.probs, outputs.labels, fitted)
+    return check_fit(
+        outputs.probs,
+        outputs.labels,
+        fit_function(fitted.method, hyper=fitted.hyper, prior=prior),
+        fitted=fitted.correction,
+        n_folds=folds,
+        seed=seed,
+        max_total_drop=max_total_drop,
+    )
+
+
+def _refused_advice(method, fitted, val) -> str:
+    """What to do instead of a fit the check refused (one sentence, ends with --force)."""
+    if fitted is None:  # elaborated / naive
+        return (
+            f"Choose the parameters with `cnnbal sweep {val}` (or keep the raw outputs); "
+            "--force writes H anyway."
+        )
+    from cnnbal.methods import HYPERPARAMS
+
+    given = [f"--{name}" for name in fitted.hyper if name in HYPERPARAMS[method]]
+    if given:
+        return (
+            f"Leave {' and '.join(given)} out so that CV chooses within the limit (or keep the "
+            "raw outputs); --force writes it anyway."
+        )
+    return "Keep the raw outputs or try another --method; --force writes it anyway."
+
+
 def _report_fit(
-    artifact,
-    notes,
-    fitted,
-    outputs,
-    output,
-    val,
-    start,
-    as_json,
-    quiet,
-    check=None,
-    dry_run=False,
+    artifact, notes, fitted, outputs, output, val, start, as_json, quiet, check=None, refused=False
 ) -> None:
     seconds = time.perf_counter() - start
     summary = artifact.describe()
@@ -381,7 +417,7 @@ def _report_fit(
     err = stderr_console(quiet)
     for note in notes:
         err.print(f"[yellow]warning:[/] {note}", highlight=False)
-    if dry_run:  # a refused fit says so in its own FAILED line
+    if output is None and not refused:  # a refused fit says so itself
         err.print(
             "note: nothing written (no -o/--output); pass -o H.npz to save H", highlight=False
         )
@@ -466,7 +502,11 @@ def _cv_choice(cv: dict) -> str:
 @app.command("apply")
 @handle_errors
 def apply_command(
-    h: Annotated[Path, typer.Argument(help="The H artifact from `cnnbal fit`.", metavar="H")],
+    # readable=False: an unreadable H gets load_artifact's one-line error, not click's usage text
+    h: Annotated[
+        Path,
+        typer.Argument(help="The H artifact from `cnnbal fit`.", metavar="H", readable=False),
+    ],
     input: Annotated[
         Path, typer.Argument(help="Outputs to correct (labels optional).", metavar="INPUT")
     ],
@@ -572,9 +612,12 @@ def evaluate_command(
             "--correction",
             help="The H artifact (omit: raw only). Its class names read string labels.",
             metavar="FILE",
+            readable=False,  # load_artifact says what is wrong, in one line
         ),
     ] = None,
-    h_old_spelling: Annotated[Path | None, typer.Option("--h", hidden=True, metavar="FILE")] = None,
+    h_old_spelling: Annotated[
+        Path | None, typer.Option("--h", hidden=True, metavar="FILE", readable=False)
+    ] = None,
     per_class: Annotated[
         bool, typer.Option("--per-class", help="Also show per-class accuracy.")
     ] = False,
@@ -780,7 +823,7 @@ def _parse_gate(kind: str, flag: str, text: str) -> Gate:
 @app.command("info")
 @handle_errors
 def info_command(
-    h: Annotated[Path, typer.Argument(help="An H artifact.", metavar="H")],
+    h: Annotated[Path, typer.Argument(help="An H artifact.", metavar="H", readable=False)],
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

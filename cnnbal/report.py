@@ -408,9 +408,10 @@ def fit_check_rows(check: dict) -> list[tuple[str, str]]:
         return [("fit check", f"skipped: {check['skipped']}")]
     verdict = "passed" if check.get("passed") else "FAILED"
     limit = check.get("max_total_drop_points")
+    source = f", {check['source']}" if check.get("source") else ""
     return [
         (
-            f"fit check ({check.get('n_folds')}-fold CV)",
+            f"fit check ({check.get('n_folds')}-fold CV{source})",
             f"{line(check.get('cross_validated', {}))}; {verdict} (--max-total-drop {limit:g})",
         ),
         ("fit check (in-sample)", line(check.get("in_sample", {}))),

@@ -120,6 +120,18 @@ def test_foreign_and_corrupt_files(tmp_path):
         load_artifact(tmp_path / "val.parquet")
 
 
+def test_an_unreadable_artifact_says_permission_denied(tmp_path, artifact, monkeypatch):
+    """As test_hostile.py's mode-000 case, also when run as root (modes do not stop root)."""
+    save_artifact(tmp_path / "H.npz", artifact)
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(artifact_module, "open", denied, raising=False)
+    with pytest.raises(CnnbalError, match=r"H\.npz: permission denied$"):
+        load_artifact(tmp_path / "H.npz")
+
+
 def test_truncated_artifact(tmp_path, artifact):
     path = save_artifact(tmp_path / "H.npz", artifact)
     data = path.read_bytes()

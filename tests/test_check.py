@@ -13,9 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnbal.artifact import load_artifact
-from cnnbal.check import CHECK_SCORES, ElaboratedFit, FitCheck, check_fit, predict
+from cnnbal.check import CHECK_SCORES, ElaboratedFit, FitCheck, check_fit, fit_function, predict
 from cnnbal.cli import app
 from cnnbal.core import FitParams, apply_correction, fit_elaborated, fit_naive
+from cnnbal.errors import CnnbalError
+from cnnbal.methods import fit_method
 from cnnbal.metrics import summarize
 from cnnbal.sweep import stratified_folds
 from tests.conftest import make_outputs
@@ -194,3 +196,99 @@ def test_fit_on_the_sample_data_passes_as_a_real_subprocess(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "fit check (5-fold CV)" in result.stdout and "passed" in result.stdout
     assert load_artifact(target).provenance["fit_check"]["passed"] is True
+
+
+# ---------------------------------------------------------------- the other methods
+
+
+@pytest.fixture
+def six_class_file(tmp_path):
+    probs, labels = make_outputs()
+    path = tmp_path / "val.npz"
+    np.savez(path, probs=probs, labels=labels)
+    return path
+
+
+def _refit_by_hand(method, hyper, probs, labels):
+    """Mean held-out total accuracy, raw and corrected, of fit_method refitted per fold."""
+    raw, corrected = [], []
+    for train, test in stratified_folds(labels, 5, 0):
+        correction = fit_method(method, probs[train], labels[train], hyper=hyper).correction
+        raw.append(np.mean(probs[test].argmax(axis=1) == labels[test]))
+        corrected.append(np.mean(correction.apply(probs[test]).argmax(axis=1) == labels[test]))
+    return np.mean(raw), np.mean(corrected)
+
+
+def test_a_given_hyper_parameter_is_checked_by_refitting_the_method_on_each_fold():
+    probs, labels = make_outputs()
+    check = check_fit(probs, labels, fit_function("logit-adjust", hyper={"tau": 5.0}))
+    raw, corrected = _refit_by_hand("logit-adjust", {"tau": 5.0}, probs, labels)
+    assert check.cross_validated["total_accuracy"] == pytest.approx((raw, corrected), abs=1e-12)
+    assert corrected < raw - 0.1 and not check.passed  # tau=5 costs about 21 points
+    with pytest.raises(CnnbalError, match="no value for tau"):
+        fit_function("logit-adjust")  # an inner CV per fold would check another procedure
+
+
+def test_fit_refuses_a_harmful_given_tau_and_force_writes_it(six_class_file, tmp_path):
+    before = six_class_file.read_bytes()
+    refused = run(
+        "fit", six_class_file, "--method", "logit-adjust", "--tau", "5", "-o", tmp_path / "C.npz"
+    )
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    failed = [line for line in refused.stderr.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "nothing written" in failed[0]
+    assert "Leave --tau out" in failed[0] and "--force" in failed[0]
+    assert "no -o/--output" not in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.npz"]
+    assert six_class_file.read_bytes() == before
+
+    target = tmp_path / "C.npz"
+    forced = run(
+        "fit", six_class_file, "--method", "logit-adjust", "--tau", "5", "-o", target, "--force"
+    )
+    assert forced.exit_code == 0 and "written anyway (--force)" in forced.stderr
+    stored = load_artifact(target).provenance["fit_check"]
+    assert stored["passed"] is False and "source" not in stored
+    raw, corrected = _refit_by_hand("logit-adjust", {"tau": 5.0}, *make_outputs())
+    assert stored["cross_validated"]["total_accuracy"]["raw"] == pytest.approx(raw)
+    assert stored["cross_validated"]["total_accuracy"]["corrected"] == pytest.approx(corrected)
+    info = run("info", target)
+    assert (
+        info.exit_code == 0 and "fit check (5-fold CV)" in info.stdout and "FAILED" in info.stdout
+    )
+
+
+def test_a_cv_chosen_value_is_written_with_the_estimate_of_the_cv_that_chose_it(
+    six_class_file, tmp_path
+):
+    target = tmp_path / "C.npz"
+    result = run("fit", six_class_file, "--method", "logit-adjust", "-o", target, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    stored = load_artifact(target).provenance["fit_check"]
+    assert stored == summary["fit_check"] and stored["passed"] is True
+    tau = summary["hyper"]["tau"]
+    assert stored["source"] == f"the CV that chose tau={tau:g}"
+    # the CV's estimate is the check's own: refitting with the chosen tau on the same folds
+    probs, labels = make_outputs()
+    check = check_fit(probs, labels, fit_function("logit-adjust", hyper={"tau": tau}))
+    for name in CHECK_SCORES:
+        pair = stored["cross_validated"][name]
+        assert (pair["raw"], pair["corrected"]) == pytest.approx(check.cross_validated[name])
+    assert "the CV that chose tau" in run("info", target).stdout
+
+
+def test_methods_without_a_hyper_parameter_are_checked_and_unlabelled_cannot_be(
+    six_class_file, tmp_path
+):
+    scaled = run("fit", six_class_file, "--method", "vector-scaling", "-o", tmp_path / "V.npz")
+    assert scaled.exit_code == 0, scaled.output
+    stored = load_artifact(tmp_path / "V.npz").provenance["fit_check"]
+    assert len(stored["cv_fold_total"]) == 5 and "source" not in stored
+    unlabelled = run(
+        "fit", six_class_file, "--method", "prior-match", "--unlabelled", "-o", tmp_path / "P.npz"
+    )
+    assert unlabelled.exit_code == 0, unlabelled.output
+    assert "no check is possible" in unlabelled.stdout
+    skipped = load_artifact(tmp_path / "P.npz").provenance["fit_check"]
+    assert "no check is possible" in skipped["skipped"]

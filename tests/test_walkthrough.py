@@ -148,3 +148,19 @@ def test_sweep_o_with_nothing_eligible_says_so_even_when_quiet(tmp_path):
         assert len(failed) == 1, (extra, result.stderr)
         assert "Nothing written to" in failed[0] and "--max-total-drop" in failed[0]
         assert not (tmp_path / "H.npz").exists()
+
+
+def test_readme_class_dro_fit_output_is_what_fit_prints(tmp_path):
+    """The `fit --method class-dro` block of the README, line for line (but the time)."""
+    readme = (SAMPLE.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```\nfit val.parquet: class-dro", 1)[1].split("```", 1)[0]
+    shown = ("fit val.parquet: class-dro" + block).splitlines()
+    result = run("fit", SAMPLE / "val.parquet", "--method", "class-dro", "-o", tmp_path / "C.npz")
+    assert result.exit_code == 0, result.output
+    printed = result.stdout.splitlines()
+    printed[-1] = printed[-1].replace(str(tmp_path / "C.npz"), "C.npz")
+
+    def no_time(line):
+        return re.sub(r"; \d+ ms$", "; _ ms", line)
+
+    assert [no_time(line) for line in printed] == [no_time(line) for line in shown]
