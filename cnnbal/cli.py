@@ -43,7 +43,8 @@ from cnnbal.cli_sweep import Objective, sweep_command
 app = typer.Typer(
     name="cnnbal",
     help="More balanced per-class accuracy for a trained classifier, after training "
-    "(Choi 2017: an affine correction H after the softmax).",
+    "(Choi 2017's affine correction H after the softmax, per-class logit biases and "
+    "calibration; `cnnbal compare` recommends one).",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -246,7 +247,7 @@ def fit_command(
             "--prior",
             help="prior-match's target: uniform, val (label frequencies) or a FILE of K "
             "weights (.npy or text).",
-            metavar="PRIOR",
+            metavar="uniform|val|FILE",
         ),
     ] = "uniform",
     unlabelled: Annotated[
@@ -256,7 +257,7 @@ def fit_command(
     folds: Annotated[
         int,
         typer.Option(
-            "--folds", help="CV folds (choosing hyper-parameters, the fit check).", metavar="K"
+            "--folds", help="CV folds (choosing hyper-parameters, the fit check).", metavar="N"
         ),
     ] = 5,
     seed: Annotated[
@@ -264,7 +265,11 @@ def fit_command(
     ] = 0,
     objective: Annotated[
         Objective,
-        typer.Option("--objective", help="What CV maximises (as in sweep)."),
+        typer.Option(
+            "--objective",
+            help="What CV maximises (as in sweep).",
+            metavar="worst20|low20_val|balanced|total",
+        ),
     ] = Objective.worst20,
     max_total_drop: Annotated[
         float,
@@ -903,7 +908,9 @@ def evaluate_command(
         typer.Option(
             "--min-gain",
             help="Exit 1 unless METRIC (any key of the JSON 'metrics', e.g. "
-            "worst20_accuracy) improves by at least PTS percentage points. Repeatable.",
+            "worst20_accuracy) improves by at least PTS points (hundredths of the metric: "
+            "percentage points for accuracies; for squared_error a gain is a decrease). "
+            "Repeatable.",
             metavar="METRIC=PTS",
         ),
     ] = None,
@@ -911,7 +918,7 @@ def evaluate_command(
         list[str] | None,
         typer.Option(
             "--max-drop",
-            help="Exit 1 if METRIC worsens by more than PTS percentage points. Repeatable.",
+            help="Exit 1 if METRIC worsens by more than PTS points (as --min-gain). Repeatable.",
             metavar="METRIC=PTS",
         ),
     ] = None,

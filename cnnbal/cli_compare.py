@@ -89,7 +89,9 @@ def compare_command(
     objective: Annotated[
         Objective,
         typer.Option(
-            "--objective", help="What the recommendation maximises (cross-validated on VAL)."
+            "--objective",
+            help="What the recommendation maximises (cross-validated on VAL).",
+            metavar="worst20|low20_val|balanced|total",
         ),
     ] = Objective.worst20,
     max_total_drop: Annotated[
@@ -102,7 +104,7 @@ def compare_command(
         ),
     ] = 0.5,
     folds: Annotated[
-        int, typer.Option("--folds", help="Stratified CV folds (>= 2).", metavar="K")
+        int, typer.Option("--folds", help="Stratified CV folds (>= 2).", metavar="N")
     ] = 5,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of folds and bootstrap.", metavar="N")
@@ -116,7 +118,7 @@ def compare_command(
         typer.Option(
             "--prior",
             help="prior-match's target: uniform, val, or a FILE of K weights.",
-            metavar="PRIOR",
+            metavar="uniform|val|FILE",
         ),
     ] = "uniform",
     output: Annotated[
@@ -280,13 +282,19 @@ def compare_command(
     else:
         console = _console(quiet)
         _print_human(console, result, val, test, seconds)
+        notes = stderr_console(quiet)
         for item in result.results:
             for note in item.fit.warnings:
-                console.print(f"note ({item.method}): {note}", highlight=False)
+                notes.print(f"[yellow]note ({item.method}):[/] {note}", highlight=False)
+        # soft_wrap: the table is laid out for TABLE_WIDTH, but a path is never cut
         if written is not None:
-            console.print(f"wrote {written}: {result.recommended}, refit on all of VAL")
+            console.print(
+                f"wrote {written}: {result.recommended}, refit on all of VAL",
+                highlight=False,
+                soft_wrap=True,
+            )
         if plotted is not None:
-            console.print(f"wrote {plotted}")
+            console.print(f"wrote {plotted}", highlight=False, soft_wrap=True)
     if output is not None and written is None:
         stderr_console().print(
             f"[bold red]Nothing written to {output}[/]: no method beats the raw outputs on "
@@ -411,10 +419,15 @@ def _print_human(console, result, val: Path, test: Path | None, seconds: float) 
         "chg: test predictions changed; fit s: seconds to fit on all of VAL, CV choice of the "
         "hyper-parameter included (* recommended)."
     )
+    # sentences are not cut at TABLE_WIDTH (a CI log greps "Recommended ... METHOD")
     for line in lines:
-        console.print(line, highlight=False)
-    console.print(_decision(result), highlight=False)
-    console.print(f"compare: {len(result.results)} methods in {seconds:.1f} s", highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(_decision(result), highlight=False, soft_wrap=True)
+    console.print(
+        f"compare: {len(result.results)} methods in {seconds:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _decision(result) -> str:

@@ -160,8 +160,8 @@ def extract_command(
         bool,
         typer.Option(
             "--json",
-            help="Print one JSON object on stdout (output, rows, classes, device, precision, "
-            "seconds, images/s, skipped).",
+            help="Print one JSON object on stdout (output, rows, classes, device, amp, "
+            "precision, seconds, images_per_second, skipped).",
         ),
     ] = False,
     quiet: QuietOpt = False,

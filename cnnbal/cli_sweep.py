@@ -341,6 +341,14 @@ def sweep_command(
         )
     _print_human(human, result, top, test_report, test, output, written, plotted)
     if output is not None and written is None:
+        # one line on stderr, whatever --quiet or --json say: exit 1 is a failed check
+        typer.echo(
+            f"FAILED: sweep on {val.name}: no configuration keeps cross-validated total "
+            f"accuracy within --max-total-drop {max_total_drop:g} points of raw. Nothing "
+            f"written to {output}; keep the raw outputs, or raise --max-total-drop to accept "
+            "a larger loss.",
+            err=True,
+        )
         raise typer.Exit(1)
 
 
@@ -435,13 +443,16 @@ def _print_human(console, result, top, test_report, test, output, written, plott
 
     objective = result.objective_score
     raw_obj = result.raw_mean(objective)
+    title = (
+        f"{result.n_folds}-fold CV on validation (n={result.n_samples}, "
+        f"K={result.n_classes}): best {min(top, len(result.configs))} of "
+        f"{len(result.configs)} by {result.objective}; accuracy %, mean±std over folds"
+    )
     table = Table(
-        title=(
-            f"{result.n_folds}-fold CV on validation (n={result.n_samples}, "
-            f"K={result.n_classes}): best {min(top, len(result.configs))} of "
-            f"{len(result.configs)} by {result.objective}; accuracy %, mean±std over folds"
-        ),
+        title=title,
         title_justify="left",
+        # as wide as the title: rich wraps a title wider than its table, also in a pipe
+        min_width=len(title),
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,
@@ -506,12 +517,6 @@ def _print_decision(console, result, output, written) -> None:
             "(no correction).",
             highlight=False,
         )
-        if output is not None:
-            console.print(
-                f"[bold red]Nothing written to {output}[/]; to accept a larger loss, raise "
-                "--max-total-drop.",
-                highlight=False,
-            )
         return
     index = result.choice.index
     gain = 100 * (result.mean(objective)[index] - raw_obj)

@@ -13,11 +13,20 @@ OLD_NAME = "METHOD" + ".md"
 
 
 def tracked_text_files() -> list[Path]:
-    listed = subprocess.run(
-        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
     suffixes = {".py", ".md", ".toml", ".txt", ".cfg", ""}
-    return [REPO / name for name in listed if Path(name).suffix in suffixes]
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    if listed.returncode == 0:
+        names = listed.stdout.split()
+    else:  # an unpacked source archive, not a git checkout: the shipped folders
+        names = [
+            str(path.relative_to(REPO))
+            for folder in ("cnnbal", "tests", "docs", "benchmarks", "sample_data")
+            for path in (REPO / folder).rglob("*")
+            if "__pycache__" not in path.parts
+        ] + [path.name for path in REPO.iterdir() if path.is_file() and path.name[0] != "."]
+    return [REPO / name for name in names if Path(name).suffix in suffixes]
 
 
 def method_sections() -> set[str]:

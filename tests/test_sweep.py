@@ -437,7 +437,7 @@ def test_cli_no_eligible_configuration_writes_nothing(files, monkeypatch):
     result = invoke(val, *SMALL, "-o", out)
     assert result.exit_code == 1
     assert "No configuration is eligible" in result.stdout
-    assert "Nothing written" in result.stdout
+    assert "Nothing written" in result.stderr and "FAILED: sweep" in result.stderr
     assert not out.exists()
 
 
