@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import cnnbal.check as check_module
 from cnnbal.artifact import load_artifact
 from cnnbal.check import CHECK_SCORES, ElaboratedFit, FitCheck, check_fit, fit_function, predict
 from cnnbal.cli import app
@@ -292,3 +293,47 @@ def test_methods_without_a_hyper_parameter_are_checked_and_unlabelled_cannot_be(
     assert "no check is possible" in unlabelled.stdout
     skipped = load_artifact(tmp_path / "P.npz").provenance["fit_check"]
     assert "no check is possible" in skipped["skipped"]
+
+
+@pytest.mark.parametrize("competitive_folds", [(0, 1), (1, 3), (2,)])
+def test_the_fast_path_slices_equal_refitting_at_the_edges(competitive_folds):
+    # Four folds of 15 rows; only the folds named hold competitive rows, so some
+    # held-out fold is the first or last slice of the sorted rows, some holds none,
+    # and with one competitive fold its training part has none (H = [I 0]).
+    # Class 3 is always mistaken for class 0: its accuracy is floored.
+    rng = np.random.default_rng(3)
+    n_folds, per_fold, n_classes = 4, 15, 4
+    labels = np.tile(np.arange(n_classes), n_folds * per_fold // n_classes + 1)[
+        : n_folds * per_fold
+    ]
+    probs = np.empty((len(labels), n_classes))
+    for n, c in enumerate(labels):
+        fold = n // per_fold
+        if fold in competitive_folds:
+            row = rng.uniform(0.15, 0.3, n_classes)
+            row[c] += 0.4 if c != 3 else 0.0
+            if c == 3:
+                row[0] += 0.5
+        else:  # confident (max >= r_high): never competitive
+            row = np.full(n_classes, 0.02)
+            row[0 if c == 3 else c] = 0.94
+        probs[n] = row / row.sum()
+    order = np.arange(len(labels))
+    folds = [
+        (
+            np.r_[order[: k * per_fold], order[(k + 1) * per_fold :]],
+            order[k * per_fold : (k + 1) * per_fold],
+        )
+        for k in range(n_folds)
+    ]
+    params = FitParams()
+    raw_pred = probs.argmax(axis=1)
+    assert not np.any(raw_pred[labels == 3] == 3)  # class 3 floored at zero accuracy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = check_module._elaborated_folds(probs, labels, folds, params, raw_pred)
+        refit = check_module._generic_folds(
+            probs, labels, folds, lambda p, y: fit_elaborated(p, y, params)
+        )
+    np.testing.assert_allclose(fast[0], refit[0], atol=1e-12)
+    np.testing.assert_allclose(fast[1], refit[1], atol=1e-12)
