@@ -23,6 +23,7 @@ __all__ = [
     "FitParams",
     "FitResult",
     "apply_correction",
+    "apply_correction_predict",
     "argmax_rows",
     "class_accuracy",
     "competitive_mask",
@@ -713,12 +714,12 @@ def apply_correction(
     """Correct outputs with H, docs/method.md section 4.
 
     Rows whose maximum is below ``gate`` become ``W p + b``; the others are
-    returned bit for bit as they came. One matrix product with the bias added
-    in place (no ``hstack``); computed in float32 for float32 input (fast, and
-    the precision of the input), else float64. The result has the memory
-    layout of ``probs``: a column-major input (one contiguous array per class,
-    as read from a table of K columns) gives a column-major output, so no
-    step transposes a large array.
+    returned bit for bit as they came. Computed in float32 for float32 input
+    (fast, and the precision of the input), else float64, in blocks of rows
+    that stay in the CPU cache (:mod:`cnnbal.kernels`). The result has the
+    memory layout of ``probs``: a column-major input (one contiguous array per
+    class, as read from a table of K columns) gives a column-major output, so
+    no step transposes a large array.
 
     Parameters
     ----------
@@ -737,10 +738,49 @@ def apply_correction(
     -------
     ndarray of shape (n_samples, n_classes)
     """
+    return _affine(H, probs, gate, clip=clip, row_max=row_max, predict=False).corrected
+
+
+def apply_correction_predict(
+    H: np.ndarray,
+    probs: np.ndarray,
+    gate: float = float("inf"),
+    *,
+    clip: bool = True,
+    row_max: np.ndarray | None = None,
+):
+    """:func:`apply_correction` and the argmax of each corrected row, in one sweep.
+
+    What ``apply`` needs: the corrected rows, their predictions, and whether
+    every row came out finite, without a further pass over the result for each.
+
+    Returns
+    -------
+    cnnbal.kernels.AffineResult
+        ``corrected``, ``pred`` (int64, first maximum wins) and
+        ``first_nonfinite`` (the first row with a NaN or inf score, or None).
+    """
+    return _affine(H, probs, gate, clip=clip, row_max=row_max, predict=True)
+
+
+def _affine(H, probs, gate, *, clip, row_max, predict):
+    from cnnbal.kernels import MAX_BLOCKED_CLASSES, AffineResult, affine_blocks
+
     dtype = np.float32 if probs.dtype == np.float32 else np.float64
     probs = np.asarray(probs, dtype=dtype)
     W = H[:, :-1].astype(dtype)
     b = H[:, -1].astype(dtype)
+    if probs.ndim == 2 and 0 < probs.shape[1] <= MAX_BLOCKED_CLASSES:
+        return affine_blocks(W, b, probs, gate, clip=clip, row_max=row_max, predict=predict)
+    # large K: one product over the whole array is what BLAS does best
+    with np.errstate(over="ignore", invalid="ignore"):  # reported in the result
+        result = _affine_whole(W, b, probs, gate, clip=clip, row_max=row_max)
+    bad = ~np.isfinite(result).all(axis=1)
+    first = int(np.flatnonzero(bad)[0]) if bad.any() else None
+    return AffineResult(result, argmax_rows(result) if predict else None, first)
+
+
+def _affine_whole(W, b, probs, gate, *, clip, row_max):
     if probs.flags.f_contiguous and not probs.flags.c_contiguous:
         # (W @ P^T)^T: both operands contiguous, the result column-major
         result = np.matmul(W, probs.T).T
@@ -764,7 +804,7 @@ def apply_correction(
         if keep.any():
             # result * 0 + probs * 1 and result * 1 + probs * 0 are exact (all
             # finite), and 4x faster than a masked copy (np.copyto(where=...))
-            keep_f = keep.astype(dtype)[:, None]
+            keep_f = keep.astype(W.dtype)[:, None]
             result *= 1 - keep_f
             result += probs * keep_f
     return result

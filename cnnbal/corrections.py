@@ -292,6 +292,38 @@ class Correction:
                 out[rows, cols] = np.nextafter(out[rows, cols], dtype(np.inf))
         return out
 
+    def apply_predict(
+        self, probs: np.ndarray, *, clip: bool = True, row_max: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """:meth:`apply`, the argmax of each corrected row, and the first non-finite row.
+
+        One sweep for the affine kind (:func:`cnnbal.core.apply_correction_predict`):
+        what ``cnnbal apply`` writes, without further passes over the result.
+
+        Returns
+        -------
+        corrected : ndarray of shape (n_samples, n_classes)
+        pred : ndarray of shape (n_samples,), int64
+            ``corrected.argmax(axis=1)``, first maximum wins.
+        first_nonfinite : int or None
+            The first row with a NaN or inf corrected score (a corrupt
+            correction), or None.
+        """
+        self._check_width(probs)
+        if self.kind == "affine":
+            from cnnbal.core import apply_correction_predict
+
+            result = apply_correction_predict(
+                self.params["H"], probs, self.gate, clip=clip, row_max=row_max
+            )
+            return result.corrected, result.pred, result.first_nonfinite
+        from cnnbal.core import argmax_rows
+
+        corrected = self.apply(probs, clip=clip, row_max=row_max)
+        bad = ~np.isfinite(corrected).all(axis=1)
+        first = int(np.flatnonzero(bad)[0]) if bad.any() else None
+        return corrected, argmax_rows(corrected), first
+
     def predict(self, probs: np.ndarray) -> np.ndarray:
         """Predicted classes of the corrected outputs, without forming the softmax.
 

@@ -268,11 +268,12 @@ def test_apply_npz_failure_midway_writes_nothing(tmp_path, monkeypatch):
     saved = []
     monkeypatch.setattr(np, "savez", lambda *a, **k: saved.append(a))
     import cnnbal.pipeline
+    from cnnbal.corrections import Correction
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(cnnbal.pipeline, "argmax_rows", boom)
+    monkeypatch.setattr(Correction, "apply_predict", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         cnnbal.pipeline.apply_file(tmp_path / "H.npz", tmp_path / "t.npz", tmp_path / "o.npz")
     assert saved == []  # the sink did not assemble an archive for a failed run
