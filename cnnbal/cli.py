@@ -107,6 +107,18 @@ JobsOpt = Annotated[
         metavar="N",
     ),
 ]
+ApplyJobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        help="Shards corrected in parallel processes (default: half the cores, at least 1; "
+        "1 = this process, which already keeps two cores busy: one reading and writing, one "
+        "correcting). With --engine dask: workers of the LocalCluster.",
+        min=1,
+        metavar="N",
+    ),
+]
 SchedulerOpt = Annotated[
     str | None,
     typer.Option(
@@ -705,7 +717,7 @@ def apply_command(
         ),
     ] = False,
     engine: EngineOpt = "local",
-    jobs: JobsOpt = None,
+    jobs: ApplyJobsOpt = None,
     scheduler: SchedulerOpt = None,
     logits: LogitsOpt = False,
     renormalize: RenormalizeOpt = False,
@@ -797,6 +809,10 @@ def apply_command(
         )
         return
     n_shards = len(dataset.shards)
+    if jobs is None and engine == "local":
+        from cnnbal.engine import default_apply_jobs
+
+        jobs = default_apply_jobs()
     with _engine(engine, jobs, scheduler) as runner:
         kwargs = dict(
             raw_scores=raw_scores,

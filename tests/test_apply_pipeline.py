@@ -1,0 +1,147 @@
+"""apply in one process: one reader/writer pipeline straight through every shard."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import cnnbal.pipeline as pipeline
+from cnnbal.artifact import load_artifact
+from cnnbal.engine import LocalEngine, default_apply_jobs, default_jobs
+from cnnbal.errors import CnnbalError
+from cnnbal.io import open_dataset
+from cnnbal.io.writers import OutputWriteError
+from tests.conftest import make_outputs, write_parquet
+from tests.test_kernels import reference
+
+K = 5
+
+
+@pytest.fixture
+def shards(tmp_path, monkeypatch):
+    """H, and 4 shards of 300 rows read in blocks of 64 (5 blocks a shard, the last short)."""
+    probs, labels = make_outputs(1500, K, seed=3)
+    val = tmp_path / "val.parquet"
+    write_parquet(val, probs[:300], labels[:300], layout="p_")
+    from typer.testing import CliRunner
+
+    from cnnbal.cli import app
+
+    result = CliRunner().invoke(app, ["fit", "--force", str(val), "-o", str(tmp_path / "H.npz")])
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "shards"
+    root.mkdir()
+    for i in range(4):
+        rows = slice(300 + 300 * i, 600 + 300 * i)
+        write_parquet(root / f"part-{i}.parquet", probs[rows], labels[rows], layout="p_")
+
+    def small_blocks(plan, shard, out_path):
+        (tmp_path / "out").mkdir(exist_ok=True)
+        return shard.open(plan.options, chunk_rows=64)
+
+    monkeypatch.setattr(pipeline, "_open_shard", small_blocks)
+    return tmp_path, root, probs[300:]
+
+
+def scores(path):
+    table = pq.read_table(path)
+    return np.column_stack([table.column(f"p_{j}").to_numpy() for j in range(K)])
+
+
+def test_every_block_of_every_shard_is_corrected_in_order(shards):
+    tmp, root, probs = shards
+    seen = []
+    report = pipeline.apply_dataset(
+        tmp / "H.npz", open_dataset(root), tmp / "out", on_shard=lambda i, r: seen.append(i)
+    )
+    assert seen == [0, 1, 2, 3]  # one process: shards finish in order
+    assert [r.n_rows for r in report.shards] == [300] * 4
+    artifact = load_artifact(tmp / "H.npz")
+    H, gate = artifact.correction.params["H"], artifact.correction.gate
+    for i in range(4):
+        got = scores(tmp / "out" / f"part-{i}.parquet")
+        want = reference(H, probs[300 * i : 300 * (i + 1)], gate)
+        np.testing.assert_allclose(got, want, atol=1e-6 if got.dtype == np.float32 else 1e-12)
+        pred = pq.read_table(tmp / "out" / f"part-{i}.parquet").column("pred").to_numpy()
+        np.testing.assert_array_equal(pred, got.argmax(axis=1))
+    # rows of the 4 blocks of 64 and the short block of 44 all counted
+    assert report.n_rows == 1200
+    changed = (want.argmax(axis=1) != probs[900:].argmax(axis=1)).sum()
+    assert report.shards[3].n_changed == changed
+
+
+def test_a_failing_block_keeps_the_shards_before_it_and_removes_its_own(shards):
+    tmp, root, probs = shards
+    bad = probs[600:900].copy()
+    bad[200, 1] = np.inf  # block 4 of shard 1: blocks 1-3 were already written
+    write_parquet(root / "part-1.parquet", bad, np.zeros(300, dtype=int), layout="p_")
+    seen = []
+    with pytest.raises(CnnbalError, match=r"part-1.parquet: non-finite value inf at row 200"):
+        pipeline.apply_dataset(
+            tmp / "H.npz", open_dataset(root), tmp / "out", on_shard=lambda i, r: seen.append(i)
+        )
+    assert seen == [0]
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["part-0.parquet"]
+    np.testing.assert_allclose(scores(tmp / "out/part-0.parquet").sum(axis=1), 1, atol=1e-5)
+
+
+def test_a_full_disk_at_a_shard_close_is_named_and_leaves_nothing_half_written(shards, monkeypatch):
+    tmp, root, _ = shards
+    closes = []
+    real_close = pipeline._TableSink.close
+
+    def close(self):
+        closes.append(1)
+        if len(closes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_close(self)
+
+    monkeypatch.setattr(pipeline._TableSink, "close", close)
+    with pytest.raises(OutputWriteError, match=r"part-1.parquet: cannot write: No space left"):
+        pipeline.apply_dataset(tmp / "H.npz", open_dataset(root), tmp / "out")
+    # the first shard is in place; nothing of the second (or a temporary file) remains
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["part-0.parquet"]
+
+
+def test_one_process_and_two_write_the_same_values(shards, tmp_path):
+    tmp, root, _ = shards
+    pipeline.apply_dataset(tmp / "H.npz", open_dataset(root), tmp / "one")
+    with LocalEngine(2) as engine:
+        pipeline.apply_dataset(tmp / "H.npz", open_dataset(root), tmp / "two", engine=engine)
+    for i in range(4):
+        name = f"part-{i}.parquet"
+        np.testing.assert_array_equal(scores(tmp / "one" / name), scores(tmp / "two" / name))
+
+
+def test_overlap_keeps_order_and_bounds_the_blocks_in_flight():
+    import threading
+
+    written, in_flight, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def chunks():
+        for i in range(20):
+            with lock:
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+            yield i
+
+    def write(i):
+        with lock:
+            in_flight[0] -= 1
+        written.append(i)
+
+    with pipeline._Overlap(depth=2) as overlap:
+        for i in overlap.read_ahead(chunks()):
+            overlap.write_behind(write, i)
+        overlap.drain()
+    assert written == list(range(20))
+    # read ahead (2) + this one + written behind (2)
+    assert most[0] <= 5
+
+
+def test_apply_defaults_to_half_the_cores():
+    assert default_apply_jobs() == max(1, default_jobs() // 2)
