@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -295,3 +296,24 @@ def test_header_only_csv_has_no_samples(tmp_path):
     path.write_text("label,p_0,p_1\n")
     with pytest.raises(CnnbalError, match=r"^empty\.csv: no samples \(0 rows\)$"):
         read_outputs(path)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        # +inf is seen by the row sums, and still wins over a negative value elsewhere
+        ([[0.5, 0.5], [0.2, np.inf], [-0.1, 1.1]], "non-finite value inf at row 1, column 1"),
+        ([[-0.1, 1.1], [0.2, np.inf]], "non-finite value inf at row 1, column 1"),
+        ([[np.inf, -np.inf], [0.5, 0.5]], "non-finite value inf at row 0, column 0"),
+        ([[0.5, 0.5], [np.nan, np.inf]], "non-finite value nan at row 1, column 0"),
+        # finite float32 values whose sum overflows: a row-sum error, not a crash
+        ([[0.5, 0.5], [3e38, 3e38]], "row 1 sums to inf, not 1"),
+    ],
+)
+def test_non_finite_values_are_named_before_other_errors(values, message):
+    from cnnbal.io.validation import check_probs
+
+    arr = np.array(values, dtype=np.float32)
+    for layout in (arr, np.asfortranarray(arr)):
+        with pytest.raises(CnnbalError, match=re.escape(f"x.npy: {message}")):
+            check_probs(layout, "x.npy")

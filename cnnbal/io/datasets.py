@@ -91,6 +91,7 @@ class Shard:
         *,
         chunk_rows: int = CHUNK_ROWS,
         require_labels: bool = False,
+        decode_threads: bool = True,
     ) -> ChunkSource:
         """Open the shard for streaming (see :func:`cnnbal.io.iter_chunks`)."""
         return iter_chunks(
@@ -99,6 +100,7 @@ class Shard:
             chunk_rows,
             require_labels=require_labels,
             filesystem=self.filesystem,
+            decode_threads=decode_threads,
         )
 
 

@@ -627,6 +627,7 @@ def iter_chunks(
     *,
     require_labels: bool = False,
     filesystem=None,
+    decode_threads: bool = True,
 ) -> ChunkSource:
     """Open an outputs file for streaming in blocks of ``chunk_rows`` rows.
 
@@ -645,6 +646,10 @@ def iter_chunks(
     filesystem : pyarrow.fs.FileSystem, optional
         Read ``path`` through this filesystem (a remote shard: ``s3://`` and
         friends). ``.npz``/``.npy`` are then read whole.
+    decode_threads : bool
+        Parquet: decode the columns of a block on pyarrow's thread pool
+        (faster alone; ``False`` spends less CPU time, for a caller whose
+        other threads keep the cores busy).
     """
     options = options or ReadOptions()
     remote = filesystem is not None
@@ -703,7 +708,9 @@ def iter_chunks(
             path, "array", scores.shape[0], scores.shape[1], names, None, array_chunks()
         )
 
-    schema, n_rows, batches = _open_table_stream(path, chunk_rows, options, filesystem)
+    schema, n_rows, batches = _open_table_stream(
+        path, chunk_rows, options, filesystem, decode_threads=decode_threads
+    )
     layout = _TableLayout.detect(schema, path, options)
     n_columns = None if layout.is_list else len(layout.score_columns)
     names = _class_names(_schema_class_names(schema, path), options, n_columns)
@@ -774,7 +781,12 @@ def _remote_bytes(filesystem, path: PurePosixPath):
 
 
 def _open_table_stream(
-    path: Path, chunk_rows: int, options: ReadOptions | None = None, filesystem=None
+    path: Path,
+    chunk_rows: int,
+    options: ReadOptions | None = None,
+    filesystem=None,
+    *,
+    decode_threads: bool = True,
 ):
     if path.suffix.lower() == ".csv":
         import pyarrow.csv as pacsv
@@ -809,7 +821,7 @@ def _open_table_stream(
 
     def batches():
         try:
-            yield from pf.iter_batches(batch_size=chunk_rows)
+            yield from pf.iter_batches(batch_size=chunk_rows, use_threads=decode_threads)
         except Exception as exc:
             raise CnnbalError(f"{path.name}: unreadable parquet ({_first_line(exc)})") from None
 

@@ -92,15 +92,26 @@ def check_probs(
         raise CnnbalError(f"{name}: scores must be numbers, got dtype {arr.dtype}")
     dtype = np.float32 if arr.dtype == np.float32 else np.float64
     arr = np.asarray(arr, dtype=dtype)
-    # min and max propagate NaN and see inf: two reductions, no temporary array;
-    # the element-wise search runs only to name the offending value
-    lowest, highest = arr.min(), arr.max()
-    if not (np.isfinite(lowest) and np.isfinite(highest)):
-        row, col = np.argwhere(~np.isfinite(arr))[0]
-        raise CnnbalError(
-            f"{name}: non-finite value {arr[row, col]} at {_where(name, row + row_offset)}, "
-            f"column {col}"
-        )
+    # Two reductions and no temporary array find any NaN or inf: the minimum
+    # propagates NaN and sees -inf; the maximum (logits) or the row sums
+    # (probabilities, needed below anyway) see +inf. The element-wise search
+    # runs only to name the offending value.
+    if logits:
+        lowest, highest = arr.min(), arr.max()
+        finite = bool(np.isfinite(lowest) and np.isfinite(highest))
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # inf sums are reported below
+            lowest, sums = arr.min(), arr.sum(axis=1)
+        finite = bool(np.isfinite(lowest) and np.isfinite(sums).all())
+    if not finite:
+        cells = np.argwhere(~np.isfinite(arr))
+        if len(cells):
+            row, col = cells[0]
+            raise CnnbalError(
+                f"{name}: non-finite value {arr[row, col]} at "
+                f"{_where(name, row + row_offset)}, column {col}"
+            )
+        # finite values whose row sum overflows: the row-sum check names the row
     n_renormalized = 0
     if logits:
         arr = softmax(np.array(arr, dtype=dtype, copy=True))
@@ -112,9 +123,8 @@ def check_probs(
                 f"{_where(name, row + row_offset)}, column {col} (if these are logits, "
                 "pass --logits)"
             )
-        # in the array's own precision: float32 rounding (~1e-6 for K = 10,000)
-        # is far inside the tolerance, and a float64 pass costs a cast
-        sums = arr.sum(axis=1)
+        # sums in the array's own precision: float32 rounding (~1e-6 for
+        # K = 10,000) is far inside the tolerance, and a float64 pass costs a cast
         # the slack absorbs float64 rounding, so a row of %.4f values summing
         # to exactly 0.999 in decimal is inside the tolerance it is printed against
         bad = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE * (1 + 1e-9)
