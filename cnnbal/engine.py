@@ -35,6 +35,7 @@ __all__ = [
     "default_apply_jobs",
     "default_jobs",
     "make_engine",
+    "own_cores",
 ]
 
 ENGINES = ("local", "dask")
@@ -192,8 +193,19 @@ class LocalEngine(Engine):
             self._pool = None
 
 
+#: In a worker process of :class:`LocalEngine`: the cores it may use (its share).
+_worker_cores: int | None = None
+
+
+def own_cores() -> int:
+    """The cores this process may use: a worker's share, else every core it may run on."""
+    return _worker_cores if _worker_cores is not None else default_jobs()
+
+
 def _limit_threads(threads: int) -> None:
     """Worker initializer: BLAS and OpenMP pools sized to this worker's share of cores."""
+    global _worker_cores
+    _worker_cores = threads
     try:
         import pyarrow
         from threadpoolctl import threadpool_limits

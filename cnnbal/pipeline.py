@@ -570,10 +570,16 @@ def _apply_pipelined(
         while finished:
             on_done(*finished.popleft())
 
+    from cnnbal.engine import own_cores
+
     runs: list[_ShardRun] = []
     run: _ShardRun | None = None
     n_rows = 0
-    with _Overlap() as overlap, _one_blas_thread():
+    # the reader and writer threads pay off when they have a core of their own;
+    # a worker process with one core's share runs the steps in turn (its
+    # siblings keep the other cores busy) and spends less CPU time on handoffs
+    depth = OVERLAP_DEPTH if own_cores() >= 2 else 0
+    with _Overlap(depth) as overlap, _one_blas_thread():
         try:
             for step, index, payload in overlap.read_ahead(items()):
                 if step is _OPEN:
@@ -796,9 +802,12 @@ class _Overlap:
     def __enter__(self):
         from concurrent.futures import ThreadPoolExecutor
 
+        self._pending: collections.deque = collections.deque()
+        if self.depth == 0:  # no threads: read, correct and write in turn
+            self._reader = self._writer = _InlineExecutor()
+            return self
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="cnnbal-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="cnnbal-write")
-        self._pending: collections.deque = collections.deque()
         return self
 
     def __exit__(self, *exc):
@@ -808,7 +817,7 @@ class _Overlap:
     def read_ahead(self, chunks):
         iterator = iter(chunks)
         ahead = collections.deque(
-            self._reader.submit(next, iterator, self._END) for _ in range(self.depth)
+            self._reader.submit(next, iterator, self._END) for _ in range(max(self.depth, 1))
         )
         while True:
             chunk = ahead.popleft().result()  # re-raises the reader's error here
@@ -818,7 +827,7 @@ class _Overlap:
             yield chunk
 
     def write_behind(self, write, *args) -> None:
-        while len(self._pending) >= self.depth:  # order kept, memory bounded
+        while self._pending and len(self._pending) >= self.depth:  # order kept, memory bounded
             self._pending.popleft().result()
         self._pending.append(self._writer.submit(write, *args))
 
@@ -831,6 +840,23 @@ class _Overlap:
             from concurrent.futures import wait
 
             wait(pending)
+
+
+class _InlineExecutor:
+    """``submit`` runs the call at once (for :class:`_Overlap` without threads)."""
+
+    def submit(self, func, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        try:
+            future.set_result(func(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, **_) -> None:
+        pass
 
 
 def _make_writer(tmp: Path, suffix: str, source, class_names, plan: ApplyPlan):

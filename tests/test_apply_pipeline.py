@@ -145,3 +145,43 @@ def test_overlap_keeps_order_and_bounds_the_blocks_in_flight():
 
 def test_apply_defaults_to_half_the_cores():
     assert default_apply_jobs() == max(1, default_jobs() // 2)
+
+
+def test_a_process_with_one_core_reads_corrects_and_writes_in_turn(shards, monkeypatch):
+    import threading
+
+    import cnnbal.engine
+
+    tmp, root, _ = shards
+    pipeline.apply_dataset(tmp / "H.npz", open_dataset(root), tmp / "threaded")
+    writers = set()
+    real_write = pipeline._ShardRun.write
+
+    def write(self, *args):
+        writers.add(threading.current_thread().name)
+        real_write(self, *args)
+
+    monkeypatch.setattr(pipeline._ShardRun, "write", write)
+    monkeypatch.setattr(cnnbal.engine, "_worker_cores", 1)  # a worker's share: one core
+    pipeline.apply_dataset(tmp / "H.npz", open_dataset(root), tmp / "inline")
+    assert writers == {threading.main_thread().name}
+    for i in range(4):
+        name = f"part-{i}.parquet"
+        assert (tmp / "inline" / name).read_bytes() == (tmp / "threaded" / name).read_bytes()
+
+
+def test_overlap_without_threads_keeps_order_and_raises_at_once():
+    written = []
+    with pipeline._Overlap(depth=0) as overlap:
+        for i in overlap.read_ahead(range(5)):
+            overlap.write_behind(written.append, i)
+        overlap.drain()
+    assert written == [0, 1, 2, 3, 4]
+
+    def boom(i):
+        raise OSError("disk on fire")
+
+    with pipeline._Overlap(depth=0) as overlap, pytest.raises(OSError, match="disk on fire"):
+        for i in overlap.read_ahead(range(5)):
+            overlap.write_behind(boom, i)
+        overlap.drain()
