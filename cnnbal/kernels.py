@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnnbal import _buffers
+
 __all__ = ["AffineResult", "affine_blocks", "first_argmax_classmajor"]
 
 #: About 1 MiB of float32 a block: a block, its result and the scratch arrays
@@ -85,10 +87,10 @@ def affine_blocks(
     column_major = probs.flags.f_contiguous and not probs.flags.c_contiguous
     src = probs.T  # (k, n): C-contiguous for a column-major input
     if column_major:
-        out_cm = np.empty((k, n), dtype=probs.dtype)
+        out_cm = _buffers.empty((k, n), probs.dtype)
         out = out_cm.T
     else:
-        out = np.empty((n, k), dtype=probs.dtype)
+        out = _buffers.empty((n, k), probs.dtype)
         out_cm = out.T
     pred = np.empty(n, dtype=np.int64) if predict else None
     width = min(block_rows, n)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnbal import _buffers
 from cnnbal._dataset_stats import (
     dataset_sha256,
     evaluate_dataset,
@@ -579,7 +580,7 @@ def _apply_pipelined(
     # a worker process with one core's share runs the steps in turn (its
     # siblings keep the other cores busy) and spends less CPU time on handoffs
     depth = OVERLAP_DEPTH if own_cores() >= 2 else 0
-    with _Overlap(depth) as overlap, _one_blas_thread():
+    with _Overlap(depth) as overlap, _one_blas_thread(), _buffers.reuse():
         try:
             for step, index, payload in overlap.read_ahead(items()):
                 if step is _OPEN:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnbal import _buffers
 from cnnbal.errors import CnnbalError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -514,7 +515,7 @@ class _TableLayout:
         dtype = np.result_type(*[c.dtype for c in columns])
         # one contiguous row per class: the copy is a memcpy per column, and the
         # (rows, K) view of it is column-major, which the core keeps end to end
-        out = np.empty((len(columns), len(columns[0])), dtype=dtype)
+        out = _buffers.empty((len(columns), len(columns[0])), dtype)
         for j, col in enumerate(columns):
             out[j] = col
         return out.T
