@@ -252,6 +252,12 @@ class DaskEngine(Engine):
                 dashboard_address=":0",
             )
             self.client = Client(self._cluster)
+            # each worker process gets its share of the cores, as LocalEngine's do
+            threads = max(1, default_jobs() // n_workers)
+            try:
+                self.client.run(_limit_threads, threads)
+            except Exception:  # an optional speed setting never stops the work
+                pass
         else:
             try:
                 self.client = Client(scheduler, timeout=CONNECT_TIMEOUT)

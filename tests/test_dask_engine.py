@@ -150,3 +150,20 @@ def test_without_a_scheduler_a_local_cluster_is_started_and_closed(data):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n_samples"] == 3000
     assert Path(data / "test").is_dir()
+
+
+def _own_cores():
+    from cnnbal.engine import own_cores
+
+    return own_cores()
+
+
+def test_a_local_cluster_gives_each_worker_its_share_of_the_cores(monkeypatch):
+    import cnnbal.engine
+
+    # as if the machine had 8 cores: 2 workers get 4 each (without the share a
+    # worker would claim every core of this machine)
+    monkeypatch.setattr(cnnbal.engine, "default_jobs", lambda: 8)
+    with DaskEngine(jobs=2) as engine:
+        shares = engine.client.run(_own_cores)
+    assert sorted(shares.values()) == [4, 4]
