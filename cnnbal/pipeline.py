@@ -34,6 +34,8 @@ from cnnbal._dataset_stats import (
     shard_fit_system,
     shard_naive_stats,
 )
+from cnnbal._overlap import Overlap, overlap_depth
+from cnnbal._overlap import one_blas_thread as _one_blas_thread
 from cnnbal.artifact import Artifact, load_artifact, save_artifact
 from cnnbal.core import DEFAULT_PARAMS, FitParams, fit
 from cnnbal.errors import CnnbalError
@@ -531,8 +533,6 @@ class _ShardRun:
         self._stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
-#: Blocks the reader may run ahead of, and the writer behind, the correction.
-OVERLAP_DEPTH = 2
 #: What the reader thread yields between shards.
 _OPEN, _END = "open", "end"
 
@@ -546,7 +546,7 @@ def _apply_pipelined(
 ) -> None:
     """Correct each ``(open_source, out_path, inputs)`` in turn, in this process.
 
-    One reader and one writer thread serve every output (:class:`_Overlap`):
+    One reader and one writer thread serve every output (:class:`cnnbal._overlap.Overlap`):
     the next shard is opened and read while the last one's final blocks are
     written and its file closed, so the pipeline does not drain at each shard
     boundary (with 4 blocks a shard, that cost a third of the run on 2 cores).
@@ -571,16 +571,10 @@ def _apply_pipelined(
         while finished:
             on_done(*finished.popleft())
 
-    from cnnbal.engine import own_cores
-
     runs: list[_ShardRun] = []
     run: _ShardRun | None = None
     n_rows = 0
-    # the reader and writer threads pay off when they have a core of their own;
-    # a worker process with one core's share runs the steps in turn (its
-    # siblings keep the other cores busy) and spends less CPU time on handoffs
-    depth = OVERLAP_DEPTH if own_cores() >= 2 else 0
-    with _Overlap(depth) as overlap, _one_blas_thread(), _buffers.reuse():
+    with Overlap(overlap_depth()) as overlap, _one_blas_thread(), _buffers.reuse():
         try:
             for step, index, payload in overlap.read_ahead(items()):
                 if step is _OPEN:
@@ -769,95 +763,8 @@ def _local_inputs(shard: Shard) -> tuple:
     return (shard.location,) if shard.filesystem is None else ()
 
 
-@contextlib.contextmanager
-def _one_blas_thread():
-    """One BLAS thread while a shard is corrected.
-
-    The products are small (a block of rows times W) and run beside the
-    reader and writer threads: a second BLAS thread gains nothing there, and
-    OpenBLAS's idle threads spin on the cores the parquet threads need (on 2
-    cores, ``--jobs 1`` took 7.1 s of CPU time instead of 4.2 s for the same
-    work).
-    """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-class _Overlap:
-    """Reads the next blocks and writes the last ones while this one is corrected.
-
-    One reader and one writer thread (parquet decoding, encoding and file I/O
-    release the GIL), each at most ``depth`` blocks ahead or behind: the file
-    I/O overlaps the arithmetic, memory stays bounded (``2 * depth + 1``
-    blocks), and blocks are read, corrected and written in order, so the
-    output bytes are the same as a sequential loop.
-    """
-
-    _END = object()
-
-    def __init__(self, depth: int = OVERLAP_DEPTH):
-        self.depth = depth
-
-    def __enter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pending: collections.deque = collections.deque()
-        if self.depth == 0:  # no threads: read, correct and write in turn
-            self._reader = self._writer = _InlineExecutor()
-            return self
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="cnnbal-read")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="cnnbal-write")
-        return self
-
-    def __exit__(self, *exc):
-        self._reader.shutdown(wait=True, cancel_futures=True)
-        self._writer.shutdown(wait=True, cancel_futures=True)
-
-    def read_ahead(self, chunks):
-        iterator = iter(chunks)
-        ahead = collections.deque(
-            self._reader.submit(next, iterator, self._END) for _ in range(max(self.depth, 1))
-        )
-        while True:
-            chunk = ahead.popleft().result()  # re-raises the reader's error here
-            if chunk is self._END:
-                return
-            ahead.append(self._reader.submit(next, iterator, self._END))
-            yield chunk
-
-    def write_behind(self, write, *args) -> None:
-        while self._pending and len(self._pending) >= self.depth:  # order kept, memory bounded
-            self._pending.popleft().result()
-        self._pending.append(self._writer.submit(write, *args))
-
-    def drain(self, *, raise_errors: bool = True) -> None:
-        pending, self._pending = list(self._pending), collections.deque()
-        if raise_errors:
-            for future in pending:
-                future.result()
-        else:
-            from concurrent.futures import wait
-
-            wait(pending)
-
-
-class _InlineExecutor:
-    """``submit`` runs the call at once (for :class:`_Overlap` without threads)."""
-
-    def submit(self, func, *args):
-        from concurrent.futures import Future
-
-        future = Future()
-        try:
-            future.set_result(func(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-        return future
-
-    def shutdown(self, **_) -> None:
-        pass
+#: For tests and older callers.
+_Overlap = Overlap
 
 
 def _make_writer(tmp: Path, suffix: str, source, class_names, plan: ApplyPlan):

@@ -217,3 +217,28 @@ def test_every_correction_kind_evaluates_streamed_as_in_memory(shards, single, t
         result = evaluate_dataset(shards, load_artifact(path), chunk_rows=700)
         assert result.metrics == expected.metrics, correction.kind
         assert result.changed == expected.changed
+
+
+def test_reading_ahead_or_in_turn_gives_the_same_statistics(shards, tmp_path, monkeypatch):
+    """With 2+ cores a reader thread decodes the next blocks; with one core's share
+    (a worker process) blocks are read in turn: the sums must not notice."""
+    import cnnbal.engine
+
+    artifact, _ = fit_dataset(shards, chunk_rows=400)
+    threaded = evaluate_dataset(shards, artifact, chunk_rows=700)
+    monkeypatch.setattr(cnnbal.engine, "_worker_cores", 1)
+    inline_fit, _ = fit_dataset(shards, chunk_rows=400)
+    inline = evaluate_dataset(shards, artifact, chunk_rows=700)
+    np.testing.assert_array_equal(inline_fit.H, artifact.H)
+    for name in METRIC_NAMES:
+        np.testing.assert_equal(inline.metrics[name], threaded.metrics[name])  # NaN == NaN
+    assert inline.changed == threaded.changed
+
+
+def test_a_bad_block_read_ahead_is_reported_with_its_shard(tmp_path, data):
+    probs, labels = data
+    probs = probs.copy()
+    probs[1700, 3] = np.nan  # shard 1 of 3, its fourth block of 300 rows
+    folder = write_shards(tmp_path / "bad", probs, labels, "parquet")
+    with pytest.raises(CnnbalError, match=r"part-1.parquet: non-finite value nan at row 700"):
+        evaluate_dataset(folder, chunk_rows=300)
