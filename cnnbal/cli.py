@@ -824,15 +824,26 @@ def apply_command(
         if bar is not None:
             with bar:
                 task = bar.add_task("apply", total=dataset.n_rows, shards=f"0/{n_shards}")
-                done = {"shards": 0, "rows": 0}
+                done = {"shards": 0, "skipped_rows": 0, "rows": 0}
+
+                def refresh():
+                    bar.update(
+                        task,
+                        completed=done["skipped_rows"] + done["rows"],
+                        shards=f"{done['shards']}/{n_shards}",
+                    )
 
                 def advance(index, shard_report):
                     done["shards"] += 1
-                    rows = shard_report.n_rows or (dataset.shards[index].n_rows or 0)
-                    done["rows"] += rows
-                    bar.update(task, completed=done["rows"], shards=f"{done['shards']}/{n_shards}")
+                    if shard_report.skipped:  # done by an earlier run
+                        done["skipped_rows"] += dataset.shards[index].n_rows or 0
+                    refresh()
 
-                report = apply_dataset(h, dataset, output, on_shard=advance, **kwargs)
+                def rows(n):  # after each block in one process, each shard in several
+                    done["rows"] = n
+                    refresh()
+
+                report = apply_dataset(h, dataset, output, on_shard=advance, on_rows=rows, **kwargs)
         else:
             report = apply_dataset(h, dataset, output, **kwargs)
     seconds = time.perf_counter() - start

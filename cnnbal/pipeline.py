@@ -649,6 +649,7 @@ def apply_dataset(
     overwrite: bool = False,
     engine: Engine | None = None,
     on_shard: Callable[[int, ApplyReport], None] | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> DatasetApplyReport:
     """Correct every shard of ``dataset`` into ``out_dir``, mirroring the shard names.
 
@@ -669,6 +670,10 @@ def apply_dataset(
         Where the shards run (default: this process).
     on_shard : callable, optional
         ``on_shard(index, report)`` in this process as each shard finishes.
+    on_rows : callable, optional
+        ``on_rows(n)``: rows corrected so far in this run (skipped shards not
+        counted), after each block when the shards run in this process (one at
+        a time), else as each shard finishes.
 
     Returns
     -------
@@ -719,18 +724,25 @@ def apply_dataset(
     engine = engine or LocalEngine(1)
     tasks = [(dataset.shards[i], str(out_dir / dataset.shards[i].relpath)) for i in todo]
 
+    rows_done = [0]
+
     def done(index: int, report: ApplyReport) -> None:
         reports[todo[index]] = report
         if on_shard is not None:
             on_shard(todo[index], report)
+        if on_rows is not None and not in_process:
+            rows_done[0] += report.n_rows
+            on_rows(rows_done[0])
 
-    if isinstance(engine, LocalEngine) and (engine.workers == 1 or len(tasks) == 1):
+    in_process = isinstance(engine, LocalEngine) and (engine.workers == 1 or len(tasks) == 1)
+
+    if in_process:
         # one shard at a time in this process: one pipeline through all of them
         jobs = [
             (partial(_open_shard, plan, shard, out), Path(out), _local_inputs(shard))
             for shard, out in tasks
         ]
-        _apply_pipelined(plan, jobs, on_done=done)
+        _apply_pipelined(plan, jobs, on_done=done, progress=on_rows)
     else:
         engine.map(partial(apply_shard, plan), tasks, on_result=done)
     return DatasetApplyReport(tuple(reports), out_dir)

@@ -185,3 +185,60 @@ def test_overlap_without_threads_keeps_order_and_raises_at_once():
         for i in overlap.read_ahead(range(5)):
             overlap.write_behind(boom, i)
         overlap.drain()
+
+
+def test_rows_are_reported_after_each_block_in_one_process_and_each_shard_in_several(shards):
+    tmp, root, _ = shards
+    seen = []
+    pipeline.apply_dataset(tmp / "H.npz", open_dataset(root), tmp / "one", on_rows=seen.append)
+    # 4 shards of 300 rows in blocks of 64: 64, 128, 192, 256, 300, 364, ...
+    per_shard = [64, 128, 192, 256, 300]
+    assert seen == [300 * i + n for i in range(4) for n in per_shard]
+    seen.clear()
+    with LocalEngine(2) as engine:
+        pipeline.apply_dataset(
+            tmp / "H.npz", open_dataset(root), tmp / "two", engine=engine, on_rows=seen.append
+        )
+    assert seen == [300, 600, 900, 1200]
+
+
+def test_the_progress_bar_counts_rows_as_blocks_finish(shards, monkeypatch):
+    """On a terminal the bar moves with every block, and ends at every row of the dataset."""
+    from typer.testing import CliRunner
+
+    import cnnbal.cli
+
+    tmp, root, _ = shards
+    updates = []
+
+    class Bar:
+        def __init__(self, single):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, *args, total=None, **kwargs):
+            updates.append(("total", total))
+            return 0
+
+        def update(self, task, completed=None, **kwargs):
+            updates.append((completed, kwargs.get("shards")))
+
+    monkeypatch.setattr(cnnbal.cli, "show_progress", lambda: True)
+    monkeypatch.setattr(cnnbal.cli, "_progress_bar", Bar)
+    args = ["apply", str(tmp / "H.npz"), str(root), "-o", str(tmp / "out"), "--jobs", "1"]
+    result = CliRunner().invoke(cnnbal.cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert updates[0] == ("total", 1200)
+    rows = [completed for completed, _ in updates[1:]]
+    assert rows == sorted(rows) and rows[-1] == 1200 and len(rows) >= 20
+    assert updates[-1] == (1200, "4/4")
+    # a re-run skips every shard: the bar still ends full
+    updates.clear()
+    result = CliRunner().invoke(cnnbal.cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert updates[-1] == (1200, "4/4")
