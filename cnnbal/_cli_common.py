@@ -229,10 +229,39 @@ def _console(stderr: bool, quiet: bool):
     from rich.console import Console
 
     console = Console(stderr=stderr, quiet=quiet)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        # a pipe or CI log: no hard wrap at 80 columns (paths stay whole)
-        console = Console(stderr=stderr, quiet=quiet, width=1 << 16)
+    if not console.is_terminal:
+        # a pipe or CI log: no hard wrap at 80 columns (paths stay whole), and no
+        # padding at the ends of lines (rich pads table cells and titles)
+        width = None if "COLUMNS" in os.environ else 1 << 16
+        stream = _TrimmedLines(sys.stderr if stderr else sys.stdout)
+        console = Console(file=stream, quiet=quiet, width=width)
     return console
+
+
+class _TrimmedLines:
+    """A text stream that writes each finished line without its trailing spaces."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        if lines:
+            self._stream.write("".join(line.rstrip(" ") + "\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:  # an unfinished line goes out as it is
+            self._stream.write(self._partial)
+            self._partial = ""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):  # encoding, fileno, ...
+        return getattr(self._stream, name)
 
 
 def stderr_console(quiet: bool = False):

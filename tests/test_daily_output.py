@@ -61,6 +61,42 @@ def test_piped_output_is_not_hard_wrapped(tmp_path):
     assert str(deep / "test.corrected.parquet") in applied.stderr
 
 
+def test_piped_lines_carry_no_trailing_spaces(tmp_path):
+    """rich pads table cells and titles to their width; a CI log gets the lines trimmed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR")}
+    h = tmp_path / "H.npz"
+    commands = [
+        ["fit", SAMPLE / "val.parquet", "-o", h],
+        ["info", h],
+        ["evaluate", SAMPLE / "test.parquet", "-H", h, "--per-class"],
+    ]
+    for args in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "cnnbal", *map(str, args)],
+            capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        text = done.stdout + done.stderr
+        assert len(text.splitlines()) > 5
+        padded = [line for line in text.splitlines() if line != line.rstrip(" ")]
+        assert padded == [], args[0]
+
+
+def test_trimmed_lines_keep_an_unfinished_line_whole():
+    import io
+
+    from cnnbal._cli_common import _TrimmedLines
+
+    out = io.StringIO()
+    stream = _TrimmedLines(out)
+    stream.write("a  b   \nc ")
+    assert out.getvalue() == "a  b\n"  # the finished line, trimmed
+    stream.write(" d  \n\n  e ")
+    assert out.getvalue() == "a  b\nc  d\n\n"  # spaces inside a line stay
+    stream.flush()
+    assert out.getvalue() == "a  b\nc  d\n\n  e "  # flushed as it is
+
+
 def test_quiet_prints_nothing_but_errors_and_failed_checks(named):
     tmp, val, test, _ = named
     h = tmp / "H.npz"
