@@ -40,6 +40,7 @@ from cnnbal.artifact import Artifact, load_artifact, save_artifact
 from cnnbal.core import DEFAULT_PARAMS, FitParams, fit
 from cnnbal.errors import CnnbalError
 from cnnbal.io import (
+    CHUNK_ROWS,
     Dataset,
     Outputs,
     ReadOptions,
@@ -65,6 +66,7 @@ __all__ = [
     "ApplyPlan",
     "ApplyReport",
     "DatasetApplyReport",
+    "apply_chunk_rows",
     "apply_dataset",
     "apply_file",
     "apply_shard",
@@ -360,6 +362,7 @@ def apply_file(
         raw_scores,
         pred_column,
         force,
+        apply_chunk_rows(artifact.n_classes),
     )
     _check_output_suffix(out_path, in_path.suffix.lower())
     _refuse_corrected(plan, str(in_path), filesystem, in_path.name)
@@ -371,7 +374,9 @@ def apply_file(
         check_not_input(out_path, *inputs)
         shard = Shard(str(in_path), in_path.name, filesystem=filesystem)
         return engine.map(partial(apply_shard, plan), [(shard, str(out_path))])[0]
-    source = iter_chunks(in_path, plan.options, filesystem=filesystem, decode_threads=False)
+    source = iter_chunks(
+        in_path, plan.options, plan.chunk_rows, filesystem=filesystem, decode_threads=False
+    )
     return _apply_source(plan, source, out_path, inputs, progress)
 
 
@@ -391,6 +396,8 @@ class ApplyPlan:
     pred_column : str
     force : bool
         Correct inputs that already record an applied H.
+    chunk_rows : int
+        Rows a block (:func:`apply_chunk_rows`).
     """
 
     artifact: Artifact
@@ -400,6 +407,24 @@ class ApplyPlan:
     raw_scores: bool = False
     pred_column: str = PRED_COLUMN
     force: bool = False
+    chunk_rows: int = CHUNK_ROWS
+
+
+#: Values (rows x classes) a block of apply: 65,536 rows at K = 100, 26 MB of float32.
+APPLY_CHUNK_VALUES = CHUNK_ROWS * 100
+
+
+def apply_chunk_rows(n_classes: int | None) -> int:
+    """Rows a block of ``apply``: :data:`CHUNK_ROWS`, fewer for K above 100.
+
+    About five blocks are in flight at once (read ahead, corrected, written
+    behind), each held as scores and corrected scores: with 65,536 rows at
+    K = 1,000 that was ~4 GB; at most :data:`APPLY_CHUNK_VALUES` values a
+    block keeps it near 0.4 GB for any K.
+    """
+    if not n_classes:
+        return CHUNK_ROWS
+    return int(max(1024, min(CHUNK_ROWS, APPLY_CHUNK_VALUES // n_classes)))
 
 
 def _check_output_suffix(out_path: Path, in_suffix: str) -> None:
@@ -698,6 +723,7 @@ def apply_dataset(
         raw_scores,
         pred_column,
         force,
+        apply_chunk_rows(dataset.n_classes),
     )
     # every check before any work: a refused shard must not leave half a folder behind
     todo: list[int] = []
@@ -767,7 +793,7 @@ def _open_shard(plan: ApplyPlan, shard: Shard, out_path: str):
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     # the correction and the writer keep the other cores busy: decoding on
     # pyarrow's pool as well cost 25% more CPU time for the same blocks
-    return shard.open(plan.options, decode_threads=False)
+    return shard.open(plan.options, chunk_rows=plan.chunk_rows, decode_threads=False)
 
 
 def _local_inputs(shard: Shard) -> tuple:

@@ -242,3 +242,37 @@ def test_the_progress_bar_counts_rows_as_blocks_finish(shards, monkeypatch):
     result = CliRunner().invoke(cnnbal.cli.app, args)
     assert result.exit_code == 0, result.output
     assert updates[-1] == (1200, "4/4")
+
+
+def test_blocks_hold_about_the_same_number_of_values_for_any_class_count():
+    assert pipeline.apply_chunk_rows(10) == pipeline.apply_chunk_rows(100) == 65_536
+    assert pipeline.apply_chunk_rows(1_000) == 6_553
+    assert pipeline.apply_chunk_rows(100_000) == 1_024  # never fewer rows
+    assert pipeline.apply_chunk_rows(None) == 65_536
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_many_classes_are_read_in_smaller_blocks(tmp_path, monkeypatch):
+    # K = 2,000: blocks of 3,276 rows, so 7,000 rows come in 3 blocks
+    from cnnbal.artifact import Artifact, save_artifact
+    from cnnbal.core import fit
+
+    k = 2000
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.full(k, 0.05), size=7000).astype(np.float32)
+    labels = rng.integers(0, k, size=7000)
+    write_parquet(tmp_path / "in.parquet", probs, labels, layout="p_")
+    result = fit(probs[:300], labels[:300], n_classes=k)  # few rows: a quick fit
+    save_artifact(tmp_path / "H.npz", Artifact.from_fit(result))
+    rows = []
+    real = pipeline._ShardRun.correct
+
+    def correct(self, chunk):
+        rows.append(len(chunk.probs))
+        return real(self, chunk)
+
+    monkeypatch.setattr(pipeline._ShardRun, "correct", correct)
+    report = pipeline.apply_file(
+        tmp_path / "H.npz", tmp_path / "in.parquet", tmp_path / "o.parquet"
+    )
+    assert rows == [3276, 3276, 448] and report.n_rows == 7000
