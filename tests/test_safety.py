@@ -163,6 +163,44 @@ def test_sigterm_and_sighup_mid_apply_clean_up_and_exit_128_plus_signal(tmp_path
     assert source.read_bytes() == before
 
 
+def test_sigterm_mid_dataset_keeps_finished_shards_and_removes_the_open_ones(tmp_path):
+    """One process pipelines through the shards: when the signal comes, the last shard
+    may be closing while the next one is being written; both temporary files go."""
+    import pyarrow.parquet as pq
+
+    probs, labels = make_outputs(150_000, 10, seed=4, weak=())
+    fit_file(write_parquet(tmp_path / "val.parquet", probs[:2000], labels[:2000]),
+             tmp_path / "H.npz")  # fmt: skip
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(6):
+        rows = slice(25_000 * i, 25_000 * (i + 1))
+        write_parquet(shards / f"part-{i}.parquet", probs[rows], labels[rows], layout="p_")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnnbal", "apply", tmp_path / "H.npz", shards, "-o", out,
+         "--jobs", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    finished = []
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.is_dir():
+            finished = [p for p in out.iterdir() if not p.name.startswith(".")]
+            if finished and _leftovers(out):
+                break  # one shard in place, another being written
+        time.sleep(0.002)
+    assert proc.poll() is None, "apply finished before the signal could be sent"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert _leftovers(out) == []
+    kept = sorted(p.name for p in out.iterdir())
+    assert 1 <= len(kept) < 6
+    for name in kept:  # every output in place is whole
+        assert pq.read_metadata(out / name).num_rows == 25_000
+
+
 def test_a_full_disk_during_apply_to_npy_is_one_line_naming_the_output(tmp_path):
     """A file-size limit stands in for a full disk: writes fail with an OSError.
 
