@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cnnbal._overlap import Overlap, overlap_depth
+from cnnbal._overlap import TABLE_SUFFIXES, Overlap, overlap_depth
 from cnnbal._overlap import one_blas_thread as _one_blas_thread
 from cnnbal.artifact import Artifact
 from cnnbal.core import DEFAULT_PARAMS, METHODS, FitParams, fit
@@ -80,7 +80,9 @@ def _chunks(
     read (evaluate needs it for bit-identical metrics; the fit's sums agree to
     rounding either way, so it skips the copy).
     """
-    depth = overlap_depth()
+    # tables only: decoding is the work worth a thread, and a memory-mapped
+    # .npy must not be read ahead (see cnnbal._overlap.Overlap)
+    depth = overlap_depth() if shard.suffix in TABLE_SUFFIXES else 0
     # with a reader thread, decoding on it alone costs less CPU time than on
     # pyarrow's pool too (the main thread keeps the other core busy)
     source = shard.open(

@@ -12,10 +12,12 @@ from __future__ import annotations
 import collections
 import contextlib
 
-__all__ = ["OVERLAP_DEPTH", "Overlap", "one_blas_thread", "overlap_depth"]
+__all__ = ["OVERLAP_DEPTH", "TABLE_SUFFIXES", "Overlap", "one_blas_thread", "overlap_depth"]
 
 #: Blocks the reader may run ahead of, and the writer behind, the computation.
 OVERLAP_DEPTH = 2
+#: Inputs read ahead on a thread (decoded tables); arrays are read in turn.
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
 
 
 def overlap_depth() -> int:
@@ -57,8 +59,12 @@ class Overlap:
 
     _END = object()
 
-    def __init__(self, depth: int = OVERLAP_DEPTH):
+    def __init__(self, depth: int = OVERLAP_DEPTH, *, read_ahead: bool = True):
         self.depth = depth
+        # a memory-mapped source releases each block's pages when asked for the
+        # next one: read ahead, it would drop pages the computation still reads,
+        # which come back resident and stay (an 800 MB .npy: 1.1 GB instead of 0.4)
+        self.reads_ahead = read_ahead and depth > 0
 
     def __enter__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +82,9 @@ class Overlap:
         self._writer.shutdown(wait=True, cancel_futures=True)
 
     def read_ahead(self, chunks):
+        if not self.reads_ahead:
+            yield from chunks
+            return
         iterator = iter(chunks)
         ahead = collections.deque(
             self._reader.submit(next, iterator, self._END) for _ in range(max(self.depth, 1))

@@ -470,6 +470,7 @@ def _apply_source(
         [(lambda: source, out_path, inputs)],
         on_done=lambda _, report: reports.append(report),
         progress=progress,
+        read_ahead=source.kind == "table",
     )
     return reports[0]
 
@@ -568,8 +569,13 @@ def _apply_pipelined(
     *,
     on_done: Callable[[int, ApplyReport], None],
     progress: Callable[[int], None] | None = None,
+    read_ahead: bool = True,
 ) -> None:
     """Correct each ``(open_source, out_path, inputs)`` in turn, in this process.
+
+    ``read_ahead``: decode the next blocks on the reader thread (tables). Array
+    inputs are read in turn: a memory-mapped ``.npy`` releases each block's pages
+    when the next one is read, so it must not run ahead of the correction.
 
     One reader and one writer thread serve every output (:class:`cnnbal._overlap.Overlap`):
     the next shard is opened and read while the last one's final blocks are
@@ -599,7 +605,8 @@ def _apply_pipelined(
     runs: list[_ShardRun] = []
     run: _ShardRun | None = None
     n_rows = 0
-    with Overlap(overlap_depth()) as overlap, _one_blas_thread(), _buffers.reuse():
+    depth = overlap_depth()
+    with Overlap(depth, read_ahead=read_ahead) as overlap, _one_blas_thread(), _buffers.reuse():
         try:
             for step, index, payload in overlap.read_ahead(items()):
                 if step is _OPEN:
@@ -768,7 +775,9 @@ def apply_dataset(
             (partial(_open_shard, plan, shard, out), Path(out), _local_inputs(shard))
             for shard, out in tasks
         ]
-        _apply_pipelined(plan, jobs, on_done=done, progress=on_rows)
+        _apply_pipelined(
+            plan, jobs, on_done=done, progress=on_rows, read_ahead=dataset.kind == "table"
+        )
     else:
         engine.map(partial(apply_shard, plan), tasks, on_result=done)
     return DatasetApplyReport(tuple(reports), out_dir)

@@ -276,3 +276,33 @@ def test_many_classes_are_read_in_smaller_blocks(tmp_path, monkeypatch):
         tmp_path / "H.npz", tmp_path / "in.parquet", tmp_path / "o.parquet"
     )
     assert rows == [3276, 3276, 448] and report.n_rows == 7000
+
+
+def test_a_memory_mapped_npy_is_never_read_ahead(tmp_path, monkeypatch):
+    """A .npy block's pages are released when the next block is read: reading ahead on
+    a thread would release pages the correction still reads (they come back resident
+    and stay: 1.1 GB instead of 0.4 GB for an 800 MB file)."""
+    import threading
+
+    import cnnbal.io.readers as readers
+    from cnnbal.pipeline import evaluate_dataset
+
+    probs, labels = make_outputs(5000, K, seed=8)
+    np.save(tmp_path / "big.npy", probs)
+    np.save(tmp_path / "labels.npy", labels)
+    write_parquet(tmp_path / "val.parquet", probs[:500], labels[:500])
+    from cnnbal.pipeline import fit_file
+
+    fit_file(tmp_path / "val.parquet", tmp_path / "H.npz")
+    threads = set()
+    real = readers._release_rows
+
+    def release(array, start, stop):
+        threads.add(threading.current_thread().name)
+        real(array, start, stop)
+
+    monkeypatch.setattr(readers, "_release_rows", release)
+    pipeline.apply_file(tmp_path / "H.npz", tmp_path / "big.npy", tmp_path / "out.npy")
+    options = pipeline.ReadOptions(labels_path=tmp_path / "labels.npy")
+    evaluate_dataset(open_dataset(tmp_path / "big.npy", options), load_artifact(tmp_path / "H.npz"))
+    assert threads == {threading.main_thread().name}
