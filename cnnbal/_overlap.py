@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import threading
 
 __all__ = ["OVERLAP_DEPTH", "TABLE_SUFFIXES", "Overlap", "one_blas_thread", "overlap_depth"]
 
@@ -67,19 +69,17 @@ class Overlap:
         self.reads_ahead = read_ahead and depth > 0
 
     def __enter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pending: collections.deque = collections.deque()
         if self.depth == 0:  # no threads: read, correct and write in turn
             self._reader = self._writer = _InlineExecutor()
             return self
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="cnnbal-read")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="cnnbal-write")
+        self._reader, self._writer = _threads()
         return self
 
     def __exit__(self, *exc):
-        self._reader.shutdown(wait=True, cancel_futures=True)
-        self._writer.shutdown(wait=True, cancel_futures=True)
+        # the threads are shared: cancel and wait for this object's own work only
+        pending, self._pending = list(self._pending), collections.deque()
+        _cancel_and_wait(pending)
 
     def read_ahead(self, chunks):
         if not self.reads_ahead:
@@ -89,12 +89,17 @@ class Overlap:
         ahead = collections.deque(
             self._reader.submit(next, iterator, self._END) for _ in range(max(self.depth, 1))
         )
-        while True:
-            chunk = ahead.popleft().result()  # re-raises the reader's error here
-            if chunk is self._END:
-                return
-            ahead.append(self._reader.submit(next, iterator, self._END))
-            yield chunk
+        try:
+            while True:
+                chunk = ahead.popleft().result()  # re-raises the reader's error here
+                if chunk is self._END:
+                    return
+                ahead.append(self._reader.submit(next, iterator, self._END))
+                yield chunk
+        finally:
+            # stopped early (an error, a consumer that breaks off): no read of this
+            # iterator may still be running when its owner closes it
+            _cancel_and_wait(ahead)
 
     def write_behind(self, write, *args) -> None:
         while self._pending and len(self._pending) >= self.depth:  # order kept, memory bounded
@@ -110,6 +115,48 @@ class Overlap:
             from concurrent.futures import wait
 
             wait(pending)
+
+
+_threads_lock = threading.Lock()
+_shared: tuple | None = None
+
+
+def _threads():
+    """The process's reader and writer threads, made once and shared by every Overlap.
+
+    New threads for every shard (fit and evaluate open an Overlap per shard)
+    made glibc give each its own heap arena: peak RSS then grew with the number
+    of shards (evaluate: 391 MiB at 16 shards, 464 MiB at 64).
+    """
+    global _shared
+    with _threads_lock:
+        if _shared is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _shared = (
+                ThreadPoolExecutor(1, thread_name_prefix="cnnbal-read"),
+                ThreadPoolExecutor(1, thread_name_prefix="cnnbal-write"),
+            )
+        return _shared
+
+
+def _forget_threads() -> None:
+    """In a forked child the parent's threads do not exist: make new ones on demand."""
+    global _shared, _threads_lock
+    _shared = None
+    _threads_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads)
+
+
+def _cancel_and_wait(futures) -> None:
+    """Cancel what has not started; wait for what has (its result is dropped)."""
+    from concurrent.futures import wait
+
+    running = [future for future in futures if not future.cancel()]
+    wait(running)
 
 
 class _InlineExecutor:

@@ -492,7 +492,7 @@ class _ShardRun:
             )
         self.suffix = out_path.suffix.lower()
         self.n_rows = self.n_corrected = self.n_changed = self.n_renormalized = 0
-        self.done = False
+        self.done = self.write_failed = False
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_output(out_path, *inputs))
         try:
@@ -527,10 +527,21 @@ class _ShardRun:
         return fixed, pred
 
     def write(self, chunk, fixed, pred) -> None:
-        self.writer.write(chunk, fixed, pred)
+        try:
+            self.writer.write(chunk, fixed, pred)
+        except BaseException:
+            self.write_failed = True  # raised in the main thread; finish must not commit
+            raise
 
-    def finish(self) -> ApplyReport:
-        """Close the file and move it into place (then the sidecar, for .npy/CSV)."""
+    def finish(self) -> ApplyReport | None:
+        """Close the file and move it into place (then the sidecar, for .npy/CSV).
+
+        None, and nothing moved, when a block's write failed: the writer thread
+        runs this after every write of the shard, and the main thread, which
+        gets that error first, removes the file.
+        """
+        if self.write_failed:
+            return None
         try:
             self.writer.close()
         except BaseException as exc:
@@ -596,7 +607,9 @@ def _apply_pipelined(
             yield _END, index, None
 
     def finish(index: int, run: _ShardRun) -> None:  # the writer thread
-        finished.append((index, run.finish()))
+        report = run.finish()
+        if report is not None:
+            finished.append((index, report))
 
     def report_finished() -> None:
         while finished:

@@ -306,3 +306,67 @@ def test_a_memory_mapped_npy_is_never_read_ahead(tmp_path, monkeypatch):
     options = pipeline.ReadOptions(labels_path=tmp_path / "labels.npy")
     evaluate_dataset(open_dataset(tmp_path / "big.npy", options), load_artifact(tmp_path / "H.npz"))
     assert threads == {threading.main_thread().name}
+
+
+def test_every_overlap_shares_one_reader_and_one_writer_thread(shards):
+    """New threads per shard made glibc give each a heap arena of its own, and peak
+    memory grew with the number of shards."""
+    import threading
+
+    from cnnbal.pipeline import evaluate_dataset
+
+    tmp, root, _ = shards
+    seen = []
+    for _ in range(3):
+        pipeline.apply_dataset(tmp / "H.npz", open_dataset(root), tmp / "out", overwrite=True)
+        evaluate_dataset(open_dataset(root, require_labels=True), load_artifact(tmp / "H.npz"))
+        alive = [t for t in threading.enumerate() if t.name.startswith("cnnbal-")]
+        seen.append(alive)
+    # the same two threads, kept between runs (and shards), not made anew
+    assert len(seen[0]) == 2
+    assert all(len(a) == 2 and all(x is y for x, y in zip(a, seen[0], strict=True)) for a in seen)
+
+
+def test_a_consumer_that_stops_early_leaves_no_read_running():
+    import time
+
+    started, finished = [], []
+
+    def slow():
+        for i in range(10):
+            started.append(i)
+            time.sleep(0.01)
+            finished.append(i)
+            yield i
+
+    with pipeline._Overlap(depth=2) as overlap:
+        for i in overlap.read_ahead(slow()):
+            if i == 2:
+                break
+    assert started == finished  # no next() still running on the abandoned iterator
+
+
+def test_a_failed_write_of_a_last_block_never_moves_the_file_into_place(shards, monkeypatch):
+    """The shard's finish is queued on the writer thread right behind its last write: if
+    that write fails, finish must not close and rename the partial file."""
+    import time
+
+    tmp, root, _ = shards
+    calls = []
+    real = pipeline._TableSink.write
+
+    def write(self, *args):
+        calls.append(1)
+        if len(calls) == 5:  # the last block of the first shard
+            time.sleep(0.05)  # the main thread queues finish meanwhile
+            raise OSError(errno.EIO, "Input/output error")
+        real(self, *args)
+
+    monkeypatch.setattr(pipeline._TableSink, "write", write)
+    seen = []
+    with pytest.raises(OutputWriteError, match="part-0.parquet: cannot write: Input/output"):
+        pipeline.apply_dataset(
+            tmp / "H.npz", open_dataset(root), tmp / "out", on_shard=lambda i, r: seen.append(i)
+        )
+    assert seen == []
+    assert list((tmp / "out").iterdir()) == []
