@@ -308,13 +308,15 @@ def test_a_memory_mapped_npy_is_never_read_ahead(tmp_path, monkeypatch):
     assert threads == {threading.main_thread().name}
 
 
-def test_every_overlap_shares_one_reader_and_one_writer_thread(shards):
+def test_every_overlap_shares_one_reader_and_one_writer_thread(shards, monkeypatch):
     """New threads per shard made glibc give each a heap arena of its own, and peak
     memory grew with the number of shards."""
     import threading
 
+    import cnnbal.engine
     from cnnbal.pipeline import evaluate_dataset
 
+    monkeypatch.setattr(cnnbal.engine, "_worker_cores", 2)  # threads even on a 1-core runner
     tmp, root, _ = shards
     seen = []
     for _ in range(3):
