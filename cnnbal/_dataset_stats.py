@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cnnbal import _buffers
-from cnnbal._overlap import TABLE_SUFFIXES, Overlap, overlap_depth
-from cnnbal._overlap import one_blas_thread as _one_blas_thread
+from cnnbal._overlap import TABLE_SUFFIXES, Overlap, one_blas_thread, overlap_depth
 from cnnbal.artifact import Artifact
 from cnnbal.core import DEFAULT_PARAMS, METHODS, FitParams, fit
 from cnnbal.errors import CnnbalError
@@ -94,7 +93,7 @@ def _chunks(
     # and while it reads, the blocks are counted on one BLAS thread: a second one
     # only spins on the core the reader needs (2 cores: 12.6 s of CPU time for
     # 6.5 s of wall time)
-    blas = _one_blas_thread() if depth else contextlib.nullcontext()
+    blas = one_blas_thread() if depth else contextlib.nullcontext()
     # the blocks' memory is reused (cnnbal._buffers): allocated on the reader
     # thread and freed on this one, fresh blocks made the heap grow with the
     # rows (peak RSS 1.19x from 4M to 16M rows)

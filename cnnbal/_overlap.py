@@ -52,8 +52,9 @@ def one_blas_thread():
 class Overlap:
     """Reads the next blocks and writes the last ones while this one is corrected.
 
-    One reader and one writer thread (parquet decoding, encoding and file I/O
-    release the GIL), each at most ``depth`` blocks ahead or behind: the file
+    One reader and one writer thread, shared by every Overlap of the process
+    (:func:`_threads`; parquet decoding, encoding and file I/O release the
+    GIL), each at most ``depth`` blocks ahead or behind: the file
     I/O overlaps the arithmetic, memory stays bounded (``2 * depth + 1``
     blocks), and blocks are read, corrected and written in order, so the
     output bytes are the same as a sequential loop.

@@ -34,8 +34,7 @@ from cnnbal._dataset_stats import (
     shard_fit_system,
     shard_naive_stats,
 )
-from cnnbal._overlap import Overlap, overlap_depth
-from cnnbal._overlap import one_blas_thread as _one_blas_thread
+from cnnbal._overlap import Overlap, one_blas_thread, overlap_depth
 from cnnbal.artifact import Artifact, load_artifact, save_artifact
 from cnnbal.core import DEFAULT_PARAMS, FitParams, fit
 from cnnbal.errors import CnnbalError
@@ -619,7 +618,7 @@ def _apply_pipelined(
     run: _ShardRun | None = None
     n_rows = 0
     depth = overlap_depth()
-    with Overlap(depth, read_ahead=read_ahead) as overlap, _one_blas_thread(), _buffers.reuse():
+    with Overlap(depth, read_ahead=read_ahead) as overlap, one_blas_thread(), _buffers.reuse():
         try:
             for step, index, payload in overlap.read_ahead(items()):
                 if step is _OPEN:
@@ -770,6 +769,7 @@ def apply_dataset(
     engine = engine or LocalEngine(1)
     tasks = [(dataset.shards[i], str(out_dir / dataset.shards[i].relpath)) for i in todo]
 
+    in_process = isinstance(engine, LocalEngine) and (engine.workers == 1 or len(tasks) == 1)
     rows_done = [0]
 
     def done(index: int, report: ApplyReport) -> None:
@@ -779,8 +779,6 @@ def apply_dataset(
         if on_rows is not None and not in_process:
             rows_done[0] += report.n_rows
             on_rows(rows_done[0])
-
-    in_process = isinstance(engine, LocalEngine) and (engine.workers == 1 or len(tasks) == 1)
 
     if in_process:
         # one shard at a time in this process: one pipeline through all of them
@@ -821,10 +819,6 @@ def _open_shard(plan: ApplyPlan, shard: Shard, out_path: str):
 def _local_inputs(shard: Shard) -> tuple:
     """The paths an output must never replace: a local shard's own file."""
     return (shard.location,) if shard.filesystem is None else ()
-
-
-#: For tests and older callers.
-_Overlap = Overlap
 
 
 def _make_writer(tmp: Path, suffix: str, source, class_names, plan: ApplyPlan):

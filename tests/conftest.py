@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,17 @@ def make_outputs(n_samples=600, n_classes=6, seed=0, weak=(0, 1), temperature=1.
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
     return probs.astype(np.float32), labels.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """The bundled sample data as arrays: val probs, val labels, test probs, test labels."""
+    folder = Path(__file__).resolve().parents[1] / "sample_data"
+    with np.load(folder / "val.npz", allow_pickle=False) as val:
+        val_probs, val_labels = val["probs"], val["labels"]
+    with np.load(folder / "test.npz", allow_pickle=False) as test:
+        test_probs, test_labels = test["probs"], test["labels"]
+    return val_probs, val_labels, test_probs, test_labels
 
 
 @pytest.fixture

@@ -188,13 +188,14 @@ def test_an_input_pred_column_is_refused_unless_another_name_is_given(tmp_path):
     assert len(set(table.column("pred_cnnbal").to_pylist())) > 1
 
 
-def test_a_failing_shard_leaves_no_partial_file_and_a_rerun_finishes(job):
+@pytest.mark.parametrize("jobs", ["1", "2"])  # one pipeline in this process; worker processes
+def test_a_failing_shard_leaves_no_partial_file_and_a_rerun_finishes(job, jobs):
     tmp, root, probs, labels = job
     bad = probs[:600].copy()
     bad[5, 2] = np.nan
     write_parquet(root / "day=2" / "part-9.parquet", bad, labels[:600], class_names=NAMES,
                   extra={"id": np.arange(600)})  # fmt: skip
-    result = run("apply", tmp / "H.npz", root, "-o", tmp / "out", "--jobs", "2")
+    result = run("apply", tmp / "H.npz", root, "-o", tmp / "out", "--jobs", jobs)
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: part-9.parquet: non-finite value nan at row 5, column 2"
     leftovers = [p for p in (tmp / "out").rglob("*") if p.name.startswith(".")]

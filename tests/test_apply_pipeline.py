@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import cnnbal.pipeline as pipeline
+from cnnbal._overlap import Overlap
 from cnnbal.artifact import load_artifact
 from cnnbal.engine import LocalEngine, default_apply_jobs, default_jobs
 from cnnbal.errors import CnnbalError
@@ -134,7 +135,7 @@ def test_overlap_keeps_order_and_bounds_the_blocks_in_flight():
             in_flight[0] -= 1
         written.append(i)
 
-    with pipeline._Overlap(depth=2) as overlap:
+    with Overlap(depth=2) as overlap:
         for i in overlap.read_ahead(chunks()):
             overlap.write_behind(write, i)
         overlap.drain()
@@ -172,7 +173,7 @@ def test_a_process_with_one_core_reads_corrects_and_writes_in_turn(shards, monke
 
 def test_overlap_without_threads_keeps_order_and_raises_at_once():
     written = []
-    with pipeline._Overlap(depth=0) as overlap:
+    with Overlap(depth=0) as overlap:
         for i in overlap.read_ahead(range(5)):
             overlap.write_behind(written.append, i)
         overlap.drain()
@@ -181,7 +182,7 @@ def test_overlap_without_threads_keeps_order_and_raises_at_once():
     def boom(i):
         raise OSError("disk on fire")
 
-    with pipeline._Overlap(depth=0) as overlap, pytest.raises(OSError, match="disk on fire"):
+    with Overlap(depth=0) as overlap, pytest.raises(OSError, match="disk on fire"):
         for i in overlap.read_ahead(range(5)):
             overlap.write_behind(boom, i)
         overlap.drain()
@@ -341,7 +342,7 @@ def test_a_consumer_that_stops_early_leaves_no_read_running():
             finished.append(i)
             yield i
 
-    with pipeline._Overlap(depth=2) as overlap:
+    with Overlap(depth=2) as overlap:
         for i in overlap.read_ahead(slow()):
             if i == 2:
                 break

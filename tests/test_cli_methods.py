@@ -27,15 +27,6 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def sample():
-    with np.load(SAMPLE / "val.npz", allow_pickle=False) as val:
-        val_probs, val_labels = val["probs"], val["labels"]
-    with np.load(SAMPLE / "test.npz", allow_pickle=False) as test:
-        test_probs, test_labels = test["probs"], test["labels"]
-    return val_probs, val_labels, test_probs, test_labels
-
-
 # one method of each kind (affine has its own tests in test_cli.py)
 ROUND_TRIPS = {
     "class-dro": "logit_bias",

@@ -30,15 +30,6 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def sample():
-    with np.load(SAMPLE / "val.npz", allow_pickle=False) as val:
-        val_probs, val_labels = val["probs"], val["labels"]
-    with np.load(SAMPLE / "test.npz", allow_pickle=False) as test:
-        test_probs, test_labels = test["probs"], test["labels"]
-    return val_probs, val_labels, test_probs, test_labels
-
-
-@pytest.fixture(scope="module")
 def full_run(sample):
     """compare_methods over every method, with TEST."""
     val_probs, val_labels, test_probs, test_labels = sample
